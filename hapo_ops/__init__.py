@@ -1,0 +1,33 @@
+"""hapo-ops: token-aware policy-optimization ops (HAPO, arXiv 2509.16591) for RL of LLMs.
+
+Small pure functions; each docstring gives its formula and source. See README.md.
+"""
+
+from hapo_ops.advantages import (grpo_advantages, redistribute_advantages,
+                                 token_level_group_advantages)
+from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
+from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, adaptive_clip_bounds,
+                             aggregate_loss, clipped_policy_loss, hapo_policy_loss)
+from hapo_ops.temperature import adaptive_temperature
+from hapo_ops.token_stats import logprobs_and_entropy, token_entropy, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "EntropyStats",
+    "PolicyLossOutput",
+    "adaptive_clip_bounds",
+    "adaptive_temperature",
+    "aggregate_loss",
+    "clipped_policy_loss",
+    "entropy_stats",
+    "grpo_advantages",
+    "hapo_policy_loss",
+    "logprobs_and_entropy",
+    "normalized_entropy",
+    "redistribute_advantages",
+    "token_entropy",
+    "token_level_group_advantages",
+    "token_logprobs",
+]

@@ -1,0 +1,101 @@
+"""Argument checks shared by every public op (SPEC §7).
+
+Each check raises ``ValueError`` or ``TypeError`` naming the argument and what was
+expected. None of them reads tensor values (no host sync) unless its name says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Scalar = float | int
+ScalarOrTensor = float | torch.Tensor
+
+
+def check_tensor(name: str, value: object, *, floating: bool = False, integer: bool = False,
+                 allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if not allow_empty and value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_mask(name: str, mask: object, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A mask is bool or numeric (1 = valid); returns it as bool."""
+    mask = check_tensor(name, mask)
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool or real tensor, got dtype {mask.dtype}")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(value.shape)}")
+
+
+def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}")
+
+
+def check_float(name: str, value: object, *, min_value: float | None = None,
+                min_inclusive: bool = True, max_value: float | None = None,
+                max_inclusive: bool = True) -> float:
+    """A finite Python number within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if min_value is not None and (value < min_value or (not min_inclusive and value == min_value)):
+        op = ">=" if min_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {min_value}, got {value}")
+    if max_value is not None and (value > max_value or (not max_inclusive and value == max_value)):
+        op = "<=" if max_inclusive else "<"
+        raise ValueError(f"{name} must be {op} {max_value}, got {value}")
+    return value
+
+
+def check_float_or_tensor(name: str, value: object, ref: torch.Tensor, *,
+                          min_value: float = 0.0) -> ScalarOrTensor:
+    """A float >= min_value, or a tensor broadcastable to ``ref`` on its device.
+
+    Tensor values are checked only on the CPU (no host sync on accelerators).
+    """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
+        check_same_device(name, value, "the input", ref)
+        try:
+            torch.broadcast_shapes(value.shape, ref.shape)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to "
+                             f"{tuple(ref.shape)}") from None
+        if value.device.type == "cpu" and value.numel() and bool((value < min_value).any()):
+            raise ValueError(f"{name} must be >= {min_value} everywhere")
+        return value
+    return check_float(name, value, min_value=min_value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+VARIANTS = ("paper", "released")
+
+
+def check_variant(variant: object) -> str:
+    return check_choice("variant", variant, VARIANTS)

@@ -1,0 +1,156 @@
+"""Advantage estimators: GRPO, HAPO's token-level group average, and the entropy- and
+ratio-aware redistribution (HAPO, arXiv 2509.16591, §3.2-3.3; SPEC §4).
+
+All ops are vectorised segment reductions over ``group_ids`` (no Python loop over rows or
+groups, no host sync); group statistics are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hapo_ops._segments import compact_group_index, segment_sum_gather
+from hapo_ops._validation import (ScalarOrTensor, check_float, check_float_or_tensor,
+                                  check_mask, check_same_device, check_same_shape,
+                                  check_tensor, check_variant)
+
+_ACCUMULATE = torch.float64
+
+
+def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
+    check_tensor("rewards", rewards, floating=True)
+    check_tensor("group_ids", group_ids, integer=True)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
+    check_same_shape("group_ids", group_ids, "rewards", rewards)
+    check_same_device("group_ids", group_ids, "rewards", rewards)
+
+
+def _check_response_mask(mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    valid = check_mask("mask", mask)
+    if valid.dim() != 2 or valid.shape[0] != rewards.shape[0]:
+        raise ValueError(f"mask must have shape (B, L) with B = {rewards.shape[0]}, "
+                         f"got {tuple(valid.shape)}")
+    check_same_device("mask", valid, "rewards", rewards)
+    return valid
+
+
+def _output_dtype(rewards: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(rewards.dtype, torch.float32)
+
+
+def _grpo_per_sequence(rewards: torch.Tensor, slots: torch.Tensor, normalize_std: bool,
+                       eps: float) -> torch.Tensor:
+    """A_i = (R_i - mean_g) / (std_g + eps), unbiased std; a group of one: mean 0, std 1."""
+    r = rewards.to(_ACCUMULATE)
+    count = segment_sum_gather(torch.ones_like(r), slots)
+    mean = segment_sum_gather(r, slots) / count
+    singleton = count < 2
+    mean = torch.where(singleton, torch.zeros_like(mean), mean)
+    centered = r - mean
+    if not normalize_std:
+        return centered
+    var = segment_sum_gather((r - mean) ** 2, slots) / (count - 1).clamp_min(1)
+    std = torch.where(singleton, torch.ones_like(var), var.sqrt())
+    return centered / (std + eps)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
+                    mask: torch.Tensor | None = None, *, normalize_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: A_i = (R_i - mean_g R) / (std_g R + eps).
+
+    Source: DeepSeekMath (arXiv 2402.03300), §4.1. std is unbiased over the sequences of the
+    group; a group of one gets mean 0 and std 1. ``normalize_std=False`` gives R_i - mean_g.
+    Returns (B,), or with ``mask`` (B, L) the value broadcast over each row and zero outside
+    the mask.
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    eps = check_float("eps", eps, min_value=0.0)
+    advantages = _grpo_per_sequence(rewards, compact_group_index(group_ids), normalize_std, eps)
+    advantages = advantages.to(_output_dtype(rewards))
+    if mask is None:
+        return advantages
+    valid = _check_response_mask(mask, rewards)
+    return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
+                                                                device=advantages.device))
+
+
+def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
+                                 mask: torch.Tensor, *, normalize_std: bool = True,
+                                 eps: float = 1e-6, fallback_threshold: float | None = 5.0,
+                                 variant: str = "paper") -> torch.Tensor:
+    """HAPO's token-level group average (TLGA): each token, not each sequence, is a sample.
+
+    With token counts L_i = Σ_t m_it:
+      μ_g = Σ_i L_i R_i / Σ_i L_i,   σ_g = sqrt(Σ_i L_i (R_i - μ_g)² / Σ_i L_i),
+      A_i = (R_i - μ_g) / (σ_g + eps)    (R_i - μ_g with ``normalize_std=False``),
+    broadcast over the valid tokens of row i, zero elsewhere. So Σ_i L_i A_i = 0 per group.
+
+    Fallback: a group where some valid |A_i| ≥ ``fallback_threshold`` (a lone long outlier)
+    takes the GRPO advantages instead. ``variant="released"`` also counts each padding
+    position of the group's rows in that test, with the value (0 - μ_g)/(σ_g + eps), as the
+    public reference code does. A group with no valid token gets 0. ``fallback_threshold=None``
+    disables the fallback.
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    valid = _check_response_mask(mask, rewards)
+    eps = check_float("eps", eps, min_value=0.0)
+    if fallback_threshold is not None:
+        fallback_threshold = check_float("fallback_threshold", fallback_threshold,
+                                         min_value=0.0, min_inclusive=False)
+    variant = check_variant(variant)
+
+    slots = compact_group_index(group_ids)
+    r = rewards.to(_ACCUMULATE)
+    lengths = valid.sum(-1).to(_ACCUMULATE)
+    group_tokens = segment_sum_gather(lengths, slots)
+    has_tokens = group_tokens > 0
+    safe_tokens = group_tokens.clamp_min(1.0)
+    mean = segment_sum_gather(lengths * r, slots) / safe_tokens
+    scale = torch.ones_like(mean)
+    if normalize_std:
+        var = segment_sum_gather(lengths * (r - mean) ** 2, slots) / safe_tokens
+        scale = var.sqrt() + eps
+    advantages = (r - mean) / scale
+
+    if fallback_threshold is not None:
+        triggers = (lengths > 0) & (advantages.abs() >= fallback_threshold)
+        if variant == "released":
+            has_padding = lengths < valid.shape[-1]
+            triggers |= has_padding & ((0.0 - mean) / scale).abs().ge(fallback_threshold)
+        falls_back = segment_sum_gather(triggers.to(_ACCUMULATE), slots) > 0
+        grpo = _grpo_per_sequence(rewards, slots, normalize_std, eps)
+        advantages = torch.where(falls_back, grpo, advantages)
+
+    advantages = torch.where(has_tokens, advantages, torch.zeros_like(advantages))
+    advantages = advantages.to(_output_dtype(rewards))
+    return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
+                                                                device=advantages.device))
+
+
+def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,
+                            *, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
+                            beta: float = 1.0) -> torch.Tensor:
+    """Entropy- and ratio-aware advantage redistribution (HAPO §3.3).
+
+    Neutral zone N = (1 - ε_low/2, 1 + ε_high/2) (open), per token:
+      A' = A·(1 + β·ĥ)  where (ĥ > 0 and r ∉ N) or (ĥ ≤ 0 and r ∈ N),   A' = A elsewhere.
+    High-entropy tokens whose ratio already moved get more credit; low-entropy tokens that
+    barely moved get less. No gradient flows through the result.
+    """
+    advantages = check_tensor("advantages", advantages, floating=True)
+    h_hat = check_tensor("h_hat", h_hat, floating=True)
+    ratio = check_tensor("ratio", ratio, floating=True)
+    check_same_shape("h_hat", h_hat, "advantages", advantages)
+    check_same_shape("ratio", ratio, "advantages", advantages)
+    check_same_device("h_hat", h_hat, "advantages", advantages)
+    check_same_device("ratio", ratio, "advantages", advantages)
+    eps_low = check_float_or_tensor("eps_low", eps_low, advantages)
+    eps_high = check_float_or_tensor("eps_high", eps_high, advantages)
+    beta = check_float("beta", beta)
+    with torch.no_grad():
+        advantages, h_hat, ratio = advantages.detach(), h_hat.detach(), ratio.detach()
+        in_neutral = (ratio > 1.0 - eps_low / 2) & (ratio < 1.0 + eps_high / 2)
+        scaled = (h_hat > 0) & ~in_neutral | (h_hat <= 0) & in_neutral
+        return torch.where(scaled, advantages * (1.0 + beta * h_hat), advantages)

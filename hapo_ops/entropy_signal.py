@@ -1,0 +1,101 @@
+"""The HAPO entropy signal ĥ: batch statistics of log-entropy and their normalisation.
+
+Source: HAPO, arXiv 2509.16591, §3 (the normalised entropy that drives temperature,
+clipping and advantage redistribution). SPEC §2.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hapo_ops._selection import CountReducer, kth_smallest
+from hapo_ops._validation import (check_float, check_mask, check_same_device, check_tensor,
+                                  check_variant)
+
+
+class EntropyStats(NamedTuple):
+    """Batch statistics of ℓ = ln(max(H, eps)) over the valid tokens (0-d float32 tensors).
+
+    pivot: the nearest-rank ``quantile`` of ℓ; log_max / log_min: its extremes. A batch with
+    no valid token gives pivot 0 and log_max = +inf, log_min = -inf, so that every ĥ
+    computed from it is 0 (no information, no adaptation).
+    """
+
+    pivot: torch.Tensor
+    log_max: torch.Tensor
+    log_min: torch.Tensor
+
+
+def log_entropy(entropy: torch.Tensor, eps: float) -> torch.Tensor:
+    """ℓ = ln(max(H, eps)) in at least float32."""
+    dtype = torch.promote_types(entropy.dtype, torch.float32)
+    return entropy.to(dtype).clamp_min(eps).log()
+
+
+def nearest_rank(count: torch.Tensor, quantile: float) -> torch.Tensor:
+    """k = round(q·(n-1)) + 1 with round half to even (Python's ``round``), as int64 tensor."""
+    return torch.round(quantile * (count - 1).to(torch.float64)).to(torch.int64) + 1
+
+
+def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float = 0.8,
+                  eps: float = 1e-8, reduce_counts: CountReducer | None = None,
+                  reduce_extrema: CountReducer | None = None) -> EntropyStats:
+    """Pivot, max and min of ℓ = ln(max(H, eps)) over the tokens where ``mask`` is set.
+
+    pivot = the k-th smallest ℓ, k = round(q·(n-1)) + 1 (nearest rank, round half to even);
+    exact for any n (radix selection, no host sync, no 2^24 limit). No valid token: pivot 0,
+    log_max +inf, log_min -inf (ĥ is then 0 everywhere).
+
+    ``reduce_counts`` (sum) / ``reduce_extrema`` (max) are hooks for data-parallel use:
+    given all-reduces, the statistics cover every rank's tokens exactly.
+    """
+    entropy = check_tensor("entropy", entropy, floating=True)
+    valid = check_mask("mask", mask, entropy.shape)
+    check_same_device("mask", valid, "entropy", entropy)
+    quantile = check_float("quantile", quantile, min_value=0.0, max_value=1.0)
+    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+
+    ell = log_entropy(entropy, eps).to(torch.float32)
+    valid = valid & ~torch.isnan(ell)
+    count = valid.sum(dtype=torch.int64)
+    log_max = torch.where(valid, ell, float("-inf")).amax()
+    neg_log_min = torch.where(valid, -ell, float("-inf")).amax()
+    if reduce_counts is not None:
+        count = reduce_counts(count)
+    if reduce_extrema is not None:
+        log_max, neg_log_min = reduce_extrema(torch.stack([log_max, neg_log_min])).unbind()
+    has_tokens = count > 0
+    k = nearest_rank(count, quantile).clamp_min(1)
+    pivot = kth_smallest(ell, valid, k, reduce_counts)
+    pivot = torch.where(has_tokens, pivot, torch.zeros_like(pivot))
+    log_max = torch.where(has_tokens, log_max, torch.full_like(log_max, float("inf")))
+    log_min = torch.where(has_tokens, -neg_log_min, torch.full_like(log_max, float("-inf")))
+    return EntropyStats(pivot, log_max, log_min)
+
+
+
+def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: str = "paper",
+                       eps: float = 1e-8) -> torch.Tensor:
+    """ĥ ∈ [-1, 1] from each token's entropy and the batch statistics.
+
+    ℓ = ln(max(H, eps)), m = pivot:
+      ℓ > m:                 ĥ = (ℓ - m) / max(ℓ_max - m, eps)
+      ℓ ≤ m, "paper":        ĥ = (ℓ - m) / max(m - ℓ_min, eps)   ∈ [-1, 0]
+      ℓ ≤ m, "released":     ĥ = (m - ℓ) / max(m - ℓ_min, eps)   ∈ [0, 1]
+    (the public reference code's sign slip, kept for reproduction), then clamped to [-1, 1]
+    since ``stats`` may come from another batch.
+    """
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
+    variant = check_variant(variant)
+    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+    if not isinstance(stats, tuple) or len(stats) != 3:
+        raise TypeError(f"stats must be an EntropyStats, got {type(stats).__name__}")
+    ell = log_entropy(entropy, eps)
+    pivot, log_max, log_min = (torch.as_tensor(s, device=ell.device).to(ell.dtype) for s in stats)
+    above = (ell - pivot) / (log_max - pivot).clamp_min(eps)
+    below_gap = (ell - pivot) if variant == "paper" else (pivot - ell)
+    below = below_gap / (pivot - log_min).clamp_min(eps)
+    h_hat = torch.where(ell > pivot, above, below)
+    return h_hat.clamp(-1.0, 1.0)

@@ -1,0 +1,240 @@
+"""Asymmetric adaptive clipping, the clipped policy-gradient loss, loss aggregation and the
+composed HAPO loss (HAPO, arXiv 2509.16591, §3.4; PPO, arXiv 1707.06347; dual clip,
+arXiv 1912.09729; SPEC §5).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
+                                  check_float_or_tensor, check_mask, check_same_device,
+                                  check_same_shape, check_tensor, check_variant)
+from hapo_ops.advantages import redistribute_advantages
+from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
+
+AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                     "seq-mean-token-sum-norm")
+
+
+class PolicyLossOutput(NamedTuple):
+    """Result of a clipped policy loss; every field is a tensor (no host sync).
+
+    loss: the aggregated scalar. per_token: ℓ per token, zero outside the mask.
+    clip_frac_low / clip_frac_high: fraction of valid tokens whose loss is held constant by
+    the lower clip (A < 0, r < 1-ε_low) or the upper clip (A > 0, r > 1+ε_high).
+    dual_clip_frac: fraction of valid tokens capped by the dual clip (A < 0, -A·c < ℓ).
+    approx_kl: mean over valid tokens of (r - 1) - log r, the k3 estimator of
+    KL(π_old ‖ π), always ≥ 0.
+    """
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    clip_frac_low: torch.Tensor
+    clip_frac_high: torch.Tensor
+    approx_kl: torch.Tensor
+    dual_clip_frac: torch.Tensor
+
+
+def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
+                         eps_high: ScalarOrTensor = 0.2, alpha: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric adaptive clip bounds per token (HAPO §3.4).
+
+    ε_low' = ε_low·(1 - α·ĥ) where ĥ ≤ 0, else ε_low;
+    ε_high' = ε_high·(1 + α·ĥ) where ĥ > 0, else ε_high.
+    Low-entropy tokens may fall further, high-entropy tokens rise further; with ĥ ∈ [-1, 1]
+    and α ≥ 0 the bounds only widen.
+    """
+    h_hat = check_tensor("h_hat", h_hat, floating=True)
+    eps_low = check_float_or_tensor("eps_low", eps_low, h_hat)
+    eps_high = check_float_or_tensor("eps_high", eps_high, h_hat)
+    alpha = check_float("alpha", alpha)
+    ones = torch.ones_like(h_hat)
+    low = eps_low * torch.where(h_hat <= 0, 1.0 - alpha * h_hat, ones)
+    high = eps_high * torch.where(h_hat > 0, 1.0 + alpha * h_hat, ones)
+    return low, high
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", *,
+                   num_tokens: float | torch.Tensor | None = None,
+                   num_sequences: float | torch.Tensor | None = None,
+                   normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a (B, L) per-token loss to a scalar.
+
+    token-mean:              Σ m·ℓ / N_tok           (N_tok = ``num_tokens`` or Σ m)
+    token-sum:               Σ m·ℓ
+    seq-mean-token-sum:      Σ_i Σ_t m·ℓ / N_seq     (N_seq = ``num_sequences`` or the number
+                                                      of rows with a valid token)
+    seq-mean-token-mean:     Σ_i (Σ_t m·ℓ / L_i) / N_seq   (rows with L_i = 0 add 0)
+    seq-mean-token-sum-norm: Σ m·ℓ / ``normalizer``  (default L, the padded length; Dr. GRPO)
+
+    Pass the global ``num_tokens`` / ``num_sequences`` (over every micro-batch and rank of
+    the optimizer step, e.g. from ``global_token_count``) and sum the per-micro-batch results:
+    the total is then exactly the full-batch value, however the batch was split. An empty
+    denominator counts as 1, so an all-masked batch gives 0, not NaN.
+    """
+    per_token = check_tensor("per_token", per_token, floating=True)
+    valid = check_mask("mask", mask, per_token.shape)
+    check_same_device("mask", valid, "per_token", per_token)
+    mode = check_choice("mode", mode, AGGREGATION_MODES)
+    masked = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
+                                                       device=per_token.device))
+    if mode == "token-sum":
+        return masked.sum()
+    if mode == "token-mean":
+        denominator = valid.sum() if num_tokens is None else num_tokens
+        return masked.sum() / _positive(denominator, "num_tokens", per_token)
+    if mode == "seq-mean-token-sum-norm":
+        denominator = per_token.shape[-1] if normalizer is None else normalizer
+        return masked.sum() / _positive(denominator, "normalizer", per_token)
+    if per_token.dim() != 2:
+        raise ValueError(f"per_token must have shape (B, L) for mode {mode!r}, "
+                         f"got {tuple(per_token.shape)}")
+    row_sums = masked.sum(-1)
+    lengths = valid.sum(-1)
+    if mode == "seq-mean-token-mean":
+        row_sums = row_sums / lengths.clamp_min(1).to(row_sums.dtype)
+    denominator = (lengths > 0).sum() if num_sequences is None else num_sequences
+    return row_sums.sum() / _positive(denominator, "num_sequences", per_token)
+
+
+def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -> torch.Tensor:
+    if isinstance(denominator, torch.Tensor):
+        return denominator.to(device=ref.device, dtype=ref.dtype).clamp_min(1.0)
+    value = check_float(name, denominator, min_value=0.0)
+    return torch.tensor(max(value, 1.0), dtype=ref.dtype, device=ref.device)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    total = torch.where(valid, values, torch.zeros_like(values)).sum()
+    return total / valid.sum().clamp_min(1).to(values.dtype)
+
+
+def _check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                         advantages: torch.Tensor, mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated (logprobs, old_logprobs, advantages broadcast to the token shape, bool mask)."""
+    logprobs = check_tensor("logprobs", logprobs, floating=True)
+    old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True)
+    check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
+    check_same_device("old_logprobs", old_logprobs, "logprobs", logprobs)
+    advantages = check_tensor("advantages", advantages, floating=True)
+    check_same_device("advantages", advantages, "logprobs", logprobs)
+    if advantages.shape != logprobs.shape:
+        try:
+            advantages = advantages.reshape(advantages.shape + (1,) * (logprobs.dim() - advantages.dim())).expand_as(logprobs)
+        except RuntimeError:
+            raise ValueError(f"advantages must have the shape of logprobs {tuple(logprobs.shape)} "
+                             f"or (B,), got {tuple(advantages.shape)}") from None
+    valid = check_mask("mask", mask, logprobs.shape)
+    check_same_device("mask", valid, "logprobs", logprobs)
+    return logprobs, old_logprobs, advantages, valid
+
+
+def _clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
+                       log_ratio_clamp: float) -> torch.Tensor:
+    """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, logprobs - old_logprobs.to(logprobs.dtype), zero)
+    return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                        advantages: torch.Tensor, mask: torch.Tensor, *,
+                        eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.28,
+                        dual_clip: float | None = None, log_ratio_clamp: float = 20.0,
+                        agg: str = "token-mean", num_tokens: float | torch.Tensor | None = None,
+                        num_sequences: float | torch.Tensor | None = None,
+                        normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
+    """PPO clipped surrogate with decoupled (asymmetric) bounds and optional dual clip.
+
+    r = exp(clamp(logp - logp_old, ±log_ratio_clamp)),
+    ℓ = max(-A·r, -A·clip(r, 1 - ε_low, 1 + ε_high)),
+    with ``dual_clip`` c > 1 and A < 0: ℓ = min(ℓ, -A·c).
+    ε may be floats or per-token tensors. Masked positions give ℓ = 0 and zero gradient
+    whatever they hold (NaN and inf included). ``agg`` and the denominators go to
+    :func:`aggregate_loss`.
+    """
+    logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
+        logprobs, old_logprobs, advantages, mask)
+    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
+    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    if dual_clip is not None:
+        dual_clip = check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
+    log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
+                                  min_inclusive=False)
+    check_choice("agg", agg, AGGREGATION_MODES)
+
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = _clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
+    ratio = log_ratio.exp()
+    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    lower, upper = 1.0 - eps_low, 1.0 + eps_high
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, lower, upper)
+    per_token = torch.maximum(unclipped, clipped)
+    capped = torch.zeros_like(valid)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        capped = (adv < 0) & (cap < per_token)
+        per_token = torch.where(capped, cap, per_token)
+    per_token = torch.where(valid, per_token, zero)
+    loss = aggregate_loss(per_token, valid, agg, num_tokens=num_tokens,
+                          num_sequences=num_sequences, normalizer=normalizer)
+    with torch.no_grad():
+        r = ratio.detach()
+        clip_frac_low = _masked_mean(((adv < 0) & (r < lower)).to(r.dtype), valid)
+        clip_frac_high = _masked_mean(((adv > 0) & (r > upper)).to(r.dtype), valid)
+        dual_clip_frac = _masked_mean((capped & valid).to(r.dtype), valid)
+        approx_kl = _masked_mean((r - 1.0) - log_ratio.detach(), valid)
+    return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
+                            dual_clip_frac)
+
+
+def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, *,
+                     stats: EntropyStats | None = None, variant: str = "paper",
+                     eps_low: float = 0.2, eps_high: float = 0.2, alpha: float = 1.0,
+                     beta: float = 1.0, quantile: float = 0.8, dual_clip: float | None = 10.0,
+                     agg: str = "token-mean", log_ratio_clamp: float = 20.0,
+                     entropy_eps: float = 1e-8,
+                     num_tokens: float | torch.Tensor | None = None,
+                     num_sequences: float | torch.Tensor | None = None,
+                     normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
+    """The HAPO policy loss: entropy-adaptive clipping and advantage redistribution.
+
+    In this order, everything but the ratio under no-grad:
+      1. ĥ = normalized_entropy(entropy, stats)   (stats from this call's entropy and mask
+         unless given, with ``quantile``);
+      2. (ε_low', ε_high') = adaptive_clip_bounds(ĥ, eps_low, eps_high, alpha);
+      3. A' = redistribute_advantages(A, ĥ, r, eps_low=ε_low', eps_high=ε_high', beta);
+      4. clipped_policy_loss(logp, logp_old, A', mask, ε_low', ε_high', dual_clip).
+    With α = β = 0 this is ``clipped_policy_loss`` with the base ε. ``variant="released"``
+    reproduces the public reference code's ĥ (its sign slip below the pivot).
+    """
+    logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
+        logprobs, old_logprobs, advantages, mask)
+    entropy = check_tensor("entropy", entropy, floating=True)
+    check_same_shape("entropy", entropy, "logprobs", logprobs)
+    check_same_device("entropy", entropy, "logprobs", logprobs)
+    variant = check_variant(variant)
+    with torch.no_grad():
+        entropy = entropy.detach()
+        if stats is None:
+            stats = entropy_stats(entropy, valid, quantile=quantile, eps=entropy_eps)
+        h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
+        clip_low, clip_high = adaptive_clip_bounds(h_hat, eps_low=eps_low, eps_high=eps_high,
+                                                   alpha=alpha)
+        log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
+                                      min_inclusive=False)
+        ratio = _clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
+                                   log_ratio_clamp).exp()
+        adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low, eps_high=clip_high,
+                                      beta=beta)
+    return clipped_policy_loss(logprobs, old_logprobs, adv, valid, eps_low=clip_low,
+                               eps_high=clip_high, dual_clip=dual_clip,
+                               log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens,
+                               num_sequences=num_sequences, normalizer=normalizer)

@@ -1,0 +1,30 @@
+"""Adaptive sampling temperature (HAPO, arXiv 2509.16591, §3.1; SPEC §3)."""
+
+from __future__ import annotations
+
+import torch
+
+from hapo_ops._validation import check_float, check_tensor, check_variant
+from hapo_ops.entropy_signal import EntropyStats, normalized_entropy
+
+
+def adaptive_temperature(entropy: torch.Tensor, stats: EntropyStats | None, *,
+                         base_temperature: float = 1.0, tau: float = 0.05,
+                         variant: str = "paper") -> torch.Tensor:
+    """T = T_base · (1 + τ·ĥ), ĥ = ``normalized_entropy(entropy, stats, variant=variant)``.
+
+    ``entropy`` is the entropy of the raw (T = 1) next-token distribution. High-entropy
+    tokens sample hotter, low-entropy ones cooler. ``stats=None`` (no training batch yet)
+    gives T_base everywhere. |τ| < 1 keeps T > 0.
+    """
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
+    base_temperature = check_float("base_temperature", base_temperature, min_value=0.0,
+                                   min_inclusive=False)
+    tau = check_float("tau", tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
+                      max_inclusive=False)
+    variant = check_variant(variant)
+    dtype = torch.promote_types(entropy.dtype, torch.float32)
+    if stats is None:
+        return torch.full(entropy.shape, base_temperature, dtype=dtype, device=entropy.device)
+    h_hat = normalized_entropy(entropy, stats, variant=variant)
+    return base_temperature * (1.0 + tau * h_hat)

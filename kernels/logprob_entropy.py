@@ -1,0 +1,280 @@
+"""Fused per-token log-prob and entropy kernels (forward and backward) over logits rows.
+
+Forward: one program per row streams the row once in ``BLOCK_V`` blocks. Each lane keeps
+its own running max m, the mass ``rest`` off its argmax and ``a = Σ 2^(s-m)(m-s)``, all
+non-negative and updated with a single exp2 per element:
+
+    d = s - m,  x = 2^(-|d|)
+    d > 0:  rest ← x·(rest + 1),   a ← x·a + (x·d)·(1 + rest)     (new max; old max joins rest)
+    d ≤ 0:  rest ← rest + x,       a ← a + x·(-d)
+
+Lanes are merged at the end around the first lane holding the row max, so the entropy
+H = log1p(rest) + ln2·a/(1 + rest) has no cancellation (exact for H ≪ 1e-6). Values are in
+log2 units (s = z·log2(e)/T). Only O(N) values leave the kernel: logp, H and lse.
+
+Backward: one read of the row and one write of the gradient (into a new tensor, or in
+place over the logits):
+
+    ∂/∂z_v = [g_lp·(1[v=y] - p_v) - g_H·p_v·(ln p_v + H)] / T,   p_v = 2^(s_v - lse₂).
+
+Addresses are int64 (N·V passes 2^31 at 16k × 152k). Rows are addressed as
+(row // inner)·stride_outer + (row % inner)·stride_inner, so a sliced 3-D tensor such as
+``logits[:, :-1]`` needs no copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_LARGE = -1.0e30  # the -inf stand-in: 2^(NEG_LARGE - m) == 0, NEG_LARGE · 0 == 0
+
+
+class KernelConfig(NamedTuple):
+    block_v: int
+    num_warps: int
+
+
+def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
+    """Block size and warps per vocabulary size and dtype.
+
+    A rule rather than autotuning (the in-place backward cannot be re-run by an autotuner);
+    ``HAPO_OPS_BLOCK_V`` / ``HAPO_OPS_NUM_WARPS`` override it for sweeps.
+    """
+    env_block, env_warps = os.environ.get("HAPO_OPS_BLOCK_V"), os.environ.get("HAPO_OPS_NUM_WARPS")
+    elements_per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    block = 4096 if elements_per_16_bytes >= 8 else 2048
+    block = min(block, max(16, triton.next_power_of_2(vocab)))
+    warps = max(1, min(8, block // (32 * elements_per_16_bytes)))
+    if env_block:
+        block = int(env_block)
+    if env_warps:
+        warps = int(env_warps)
+    return KernelConfig(block, warps)
+
+
+@triton.jit
+def _log1p(x):
+    # log1p without libdevice (the interpreter lacks it): log(u)·x/(u-1), and x where u == 1.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _row_pointer(base, row, inner_rows, stride_outer, stride_inner):
+    return base + (row // inner_rows) * stride_outer + (row % inner_rows) * stride_inner
+
+
+@triton.jit
+def _inv_temperature(temperature_ptr, row, scalar_inv_temperature,
+                     HAS_TEMPERATURE_TENSOR: tl.constexpr):
+    if HAS_TEMPERATURE_TENSOR:
+        return 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
+    return scalar_inv_temperature
+
+
+@triton.jit
+def _logprob_entropy_fwd_kernel(
+    logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    vocab, inner_rows, stride_outer, stride_inner, ignore_index, scalar_inv_temperature,
+    HAS_TEMPERATURE_TENSOR: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    scale = _inv_temperature(temperature_ptr, row, scalar_inv_temperature,
+                             HAS_TEMPERATURE_TENSOR) * 1.4426950408889634
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    rest = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offsets = start + lanes
+        z = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
+        s = tl.maximum(z.to(tl.float32) * scale, -1.0e30)
+        d = s - m
+        x = tl.exp2(-tl.abs(d))
+        up = d > 0
+        a = tl.where(up, x * a + (x * d) * (1.0 + rest), a - x * d)
+        rest = tl.where(up, x * (rest + 1.0), rest + x)
+        m = tl.maximum(m, s)
+    row_max = tl.max(m, axis=0)
+    first_top = tl.min(tl.where(m == row_max, lanes, BLOCK_V), axis=0)
+    weight = tl.exp2(m - row_max)
+    gap = row_max - m
+    rest_total = tl.sum(tl.where(lanes == first_top, rest, weight * (1.0 + rest)), axis=0)
+    a_total = tl.sum(weight * a + (weight * gap) * (1.0 + rest), axis=0)
+    log_norm = _log1p(rest_total)
+    entropy = log_norm + 0.6931471805599453 * a_total / (1.0 + rest_total)
+    lse = row_max * 0.6931471805599453 + log_norm
+
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    in_range = (label >= 0) & (label < vocab)
+    z_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
+    s_label = z_label * scale
+    logp = (s_label - row_max) * 0.6931471805599453 - log_norm
+    logp = tl.where(in_range, logp, float("nan"))
+    logp = tl.where(label == ignore_index, 0.0, logp)
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprob_entropy_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, temperature_ptr, lse_ptr, entropy_ptr,
+    grad_logp_ptr, grad_entropy_ptr,
+    vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
+    ignore_index, scalar_inv_temperature,
+    HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    grad_row_ptr = _row_pointer(grad_ptr, row, inner_rows, grad_stride_outer, grad_stride_inner)
+    inv_t = _inv_temperature(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
+    scale = inv_t * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+    entropy = tl.load(entropy_ptr + row)
+    g_entropy = 0.0
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32) * inv_t
+    g_logp = 0.0
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if HAS_GRAD_LOGP:
+        label_ok = (label != ignore_index) & (label >= 0) & (label < vocab)
+        g_logp = tl.where(label_ok, tl.load(grad_logp_ptr + row).to(tl.float32) * inv_t, 0.0)
+    lanes = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offsets = start + lanes
+        in_row = offsets < vocab
+        z = tl.load(row_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
+        log2_p = z * scale - lse2
+        p = tl.exp2(log2_p)
+        grad = tl.zeros([BLOCK_V], tl.float32)
+        if HAS_GRAD_ENTROPY:
+            surprise = log2_p * 0.6931471805599453 + entropy
+            grad -= g_entropy * tl.where(p > 0.0, p * surprise, 0.0)
+        if HAS_GRAD_LOGP:
+            grad += g_logp * (tl.where(offsets == label, 1.0, 0.0) - p)
+        tl.store(grad_row_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+class RowLayout(NamedTuple):
+    """How (N, V) rows sit in memory: row r at (r // inner)·outer + (r % inner)·inner_stride."""
+
+    inner_rows: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_layout(logits: torch.Tensor) -> RowLayout | None:
+    """The two-level row addressing of ``logits`` (last dim contiguous), or None if the leading
+    dims cannot be expressed with two strides (the caller then copies)."""
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        return None
+    sizes, strides = list(logits.shape[:-1]), list(logits.stride()[:-1])
+    dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]  # size-1 dims have no stride
+    merged: list[tuple[int, int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if not merged:
+        return RowLayout(1, 0, 0)
+    if len(merged) == 1:
+        return RowLayout(merged[0][0], 0, merged[0][1])
+    if len(merged) == 2:
+        return RowLayout(merged[1][0], merged[0][1], merged[1][1])
+    return None
+
+
+def _temperature_args(temperature: torch.Tensor | None, scalar_temperature: float):
+    if temperature is None:
+        return None, 1.0 / scalar_temperature, False
+    return temperature, 1.0, True
+
+
+def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
+                            temperature: torch.Tensor | None, scalar_temperature: float,
+                            ignore_index: int, *, out: tuple[torch.Tensor, ...] | None = None,
+                            config: KernelConfig | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, H, lse) as flat float32 (N,) tensors.
+
+    logits (..., V) with a contiguous last dim; labels (N,) integer; temperature None (use
+    ``scalar_temperature``) or (N,) float32. ``out`` may supply the three output buffers.
+    """
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    vocab = logits.shape[-1]
+    n_rows = labels.numel()
+    if out is None:
+        out = tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+                    for _ in range(3))
+    logp, entropy, lse = out
+    if n_rows == 0:
+        return logp, entropy, lse
+    config = config or pick_config(vocab, logits.dtype)
+    temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
+    _logprob_entropy_fwd_kernel[(n_rows,)](
+        logits, labels, temp if has_temp else lse, logp, entropy, lse,
+        vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner, ignore_index, inv_t,
+        HAS_TEMPERATURE_TENSOR=has_temp, BLOCK_V=config.block_v, num_warps=config.num_warps,
+    )
+    return logp, entropy, lse
+
+
+def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
+                             temperature: torch.Tensor | None, scalar_temperature: float,
+                             lse: torch.Tensor, entropy: torch.Tensor,
+                             grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                             ignore_index: int, *, inplace: bool = False,
+                             out: torch.Tensor | None = None,
+                             config: KernelConfig | None = None) -> torch.Tensor:
+    """∂L/∂logits in the logits dtype: a new contiguous tensor, ``out``, or (``inplace``) the
+    logits buffer itself."""
+    layout = row_layout(logits)
+    if layout is None:
+        if inplace:
+            raise ValueError("inplace_backward needs logits whose rows two strides can address")
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    vocab = logits.shape[-1]
+    n_rows = labels.numel()
+    if inplace:
+        grad, grad_layout = logits, layout
+    else:
+        grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype,
+                                                       device=logits.device)
+        if not grad.is_contiguous() or grad.shape != logits.shape:
+            raise ValueError(f"out must be a contiguous tensor of shape {tuple(logits.shape)}")
+        # Contiguous rows, addressed with the logits' two-level row split.
+        grad_layout = RowLayout(layout.inner_rows, layout.inner_rows * vocab, vocab)
+    if n_rows == 0:
+        return grad
+    config = config or pick_config(vocab, logits.dtype)
+    temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
+    _logprob_entropy_bwd_kernel[(n_rows,)](
+        logits, grad, labels, temp if has_temp else lse, lse, entropy,
+        grad_logp if grad_logp is not None else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner,
+        grad_layout.stride_outer, grad_layout.stride_inner, ignore_index, inv_t,
+        HAS_TEMPERATURE_TENSOR=has_temp, HAS_GRAD_LOGP=grad_logp is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=config.block_v,
+        num_warps=config.num_warps,
+    )
+    return grad
+
+
+__all__ = ["KernelConfig", "LN2", "LOG2E", "NEG_LARGE", "RowLayout", "logprob_entropy_backward",
+           "logprob_entropy_forward", "pick_config", "row_layout"]
