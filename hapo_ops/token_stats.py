@@ -1,11 +1,11 @@
 """Per-token log-probability and entropy straight from logits (SPEC §1).
 
-    s = z / T,   lse = logsumexp(s),   logp = s_y - lse,   H = lse - Σ_v softmax(s)_v · s_v.
+    s = z / T,   state = logsumexp(s),   logp = s_y - state,   H = state - Σ_v softmax(s)_v · s_v.
 
 Exact for near-deterministic rows: with m = max s (at index j), the non-negative sums
     rest = Σ_{v≠j} e^(s_v - m)   and   a = Σ_v e^(s_v - m)(m - s_v)
 give  H = log1p(rest) + a / (1 + rest)  and  logp = (s_y - m) - log1p(rest),
-with no subtraction of nearly equal numbers (``lse - E[s]`` loses everything in fp32 when
+with no subtraction of nearly equal numbers (``state - E[s]`` loses everything in fp32 when
 H < 1e-6). Gradients:
     ∂logp/∂z_v = (1[v=y] - p_v) / T,    ∂H/∂z_v = -p_v (log p_v + H) / T.
 
@@ -57,11 +57,15 @@ def _scaled(rows: torch.Tensor, inv_temperature: torch.Tensor) -> torch.Tensor:
 
 def torch_forward(logits_2d: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, H, lse), each (N,) float32, from (N, V) logits, chunk by chunk over rows."""
+    """(logp, H, state) from (N, V) logits, chunk by chunk over rows.
+
+    logp, H: (N,) float32; state: (N, 2) float32 = (max of z/T, log1p(rest)), what the
+    backward needs to rebuild log p_v = (s_v - max) - log1p(rest) without rounding a large state.
+    """
     n_rows, vocab = logits_2d.shape
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits_2d.device)
     entropy = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    state = torch.empty((n_rows, 2), dtype=torch.float32, device=logits_2d.device)
     step = max(1, TORCH_CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -73,11 +77,12 @@ def torch_forward(logits_2d: torch.Tensor, labels: torch.Tensor, inv_temperature
         spread = (weights * shifted).sum(-1)
         log_norm = torch.log1p(rest)
         entropy[start:stop] = log_norm + spread / (1.0 + rest)
-        lse[start:stop] = row_max[:, 0] + log_norm
+        state[start:stop, 0] = row_max[:, 0]
+        state[start:stop, 1] = log_norm
         label = labels[start:stop]
         safe = label.clamp(0, vocab - 1)[:, None]
         logp[start:stop] = (s.gather(-1, safe)[:, 0] - row_max[:, 0]) - log_norm
-    return _finish_logp(logp, labels, vocab, ignore_index), entropy, lse
+    return _finish_logp(logp, labels, vocab, ignore_index), entropy, state
 
 
 def _finish_logp(logp: torch.Tensor, labels: torch.Tensor, vocab: int,
@@ -89,7 +94,7 @@ def _finish_logp(logp: torch.Tensor, labels: torch.Tensor, vocab: int,
 
 
 def torch_backward(logits_2d: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
-                   lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor | None,
+                   state: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor | None,
                    grad_entropy: torch.Tensor | None, ignore_index: int,
                    out: torch.Tensor) -> torch.Tensor:
     """Writes ∂L/∂z into ``out`` (N, V) (may be ``logits_2d`` itself) chunk by chunk."""
@@ -99,7 +104,8 @@ def torch_backward(logits_2d: torch.Tensor, labels: torch.Tensor, inv_temperatur
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         inv_t = inv_temperature[start:stop, None]
-        log_p = _scaled(logits_2d[start:stop], inv_temperature[start:stop]) - lse[start:stop, None]
+        s = _scaled(logits_2d[start:stop], inv_temperature[start:stop])
+        log_p = (s - state[start:stop, :1]) - state[start:stop, 1:]
         p = log_p.exp()
         grad = torch.zeros_like(p)
         if grad_entropy is not None:
@@ -139,13 +145,13 @@ def _logprobs_entropy_op(logits: torch.Tensor, labels: torch.Tensor,
     token_shape = logits.shape[:-1]
     if impl == "triton":
         from hapo_ops.kernels.logprob_entropy import logprob_entropy_forward
-        logp, entropy, lse = logprob_entropy_forward(logits, labels, temperature,
-                                                     scalar_temperature, ignore_index)
+        logp, entropy, state = logprob_entropy_forward(logits, labels, temperature,
+                                                       scalar_temperature, ignore_index)
     else:
         logits_2d = logits.reshape(-1, logits.shape[-1])
         inv_t = _inv_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
-        logp, entropy, lse = torch_forward(logits_2d, labels, inv_t, ignore_index)
-    return logp.view(token_shape), entropy.view(token_shape), lse
+        logp, entropy, state = torch_forward(logits_2d, labels, inv_t, ignore_index)
+    return logp.view(token_shape), entropy.view(token_shape), state
 
 
 @_logprobs_entropy_op.register_fake
@@ -153,21 +159,21 @@ def _(logits, labels, temperature, scalar_temperature, ignore_index, impl, inpla
     token_shape = logits.shape[:-1]
     new = logits.new_empty
     return (new(token_shape, dtype=torch.float32), new(token_shape, dtype=torch.float32),
-            new((labels.numel(),), dtype=torch.float32))
+            new((labels.numel(), 2), dtype=torch.float32))
 
 
-def _backward_impl(logits, labels, temperature, scalar_temperature, lse, entropy, grad_logp,
+def _backward_impl(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp,
                    grad_entropy, ignore_index, impl, inplace):
     if impl == "triton":
         from hapo_ops.kernels.logprob_entropy import logprob_entropy_backward
-        return logprob_entropy_backward(logits, labels, temperature, scalar_temperature, lse,
+        return logprob_entropy_backward(logits, labels, temperature, scalar_temperature, state,
                                         entropy, grad_logp, grad_entropy, ignore_index,
                                         inplace=inplace)
     logits_2d = logits.view(-1, logits.shape[-1]) if inplace else logits.reshape(-1, logits.shape[-1])
     out = logits_2d if inplace else torch.empty(logits_2d.shape, dtype=logits.dtype,
                                                 device=logits.device)
     inv_t = _inv_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
-    torch_backward(logits_2d, labels, inv_t, lse, entropy, grad_logp, grad_entropy,
+    torch_backward(logits_2d, labels, inv_t, state, entropy, grad_logp, grad_entropy,
                    ignore_index, out)
     return out.view(logits.shape)
 
@@ -175,16 +181,16 @@ def _backward_impl(logits, labels, temperature, scalar_temperature, lse, entropy
 @torch.library.custom_op("hapo_ops::logprobs_entropy_backward", mutates_args=())
 def _logprobs_entropy_backward_op(logits: torch.Tensor, labels: torch.Tensor,
                                   temperature: torch.Tensor | None, scalar_temperature: float,
-                                  lse: torch.Tensor, entropy: torch.Tensor,
+                                  state: torch.Tensor, entropy: torch.Tensor,
                                   grad_logp: torch.Tensor | None,
                                   grad_entropy: torch.Tensor | None, ignore_index: int,
                                   impl: str) -> torch.Tensor:
-    return _backward_impl(logits, labels, temperature, scalar_temperature, lse, entropy,
+    return _backward_impl(logits, labels, temperature, scalar_temperature, state, entropy,
                           grad_logp, grad_entropy, ignore_index, impl, inplace=False)
 
 
 @_logprobs_entropy_backward_op.register_fake
-def _(logits, labels, temperature, scalar_temperature, lse, entropy, grad_logp, grad_entropy,
+def _(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp, grad_entropy,
       ignore_index, impl):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -192,34 +198,34 @@ def _(logits, labels, temperature, scalar_temperature, lse, entropy, grad_logp, 
 @torch.library.custom_op("hapo_ops::logprobs_entropy_backward_", mutates_args=("logits",))
 def _logprobs_entropy_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor,
                                           temperature: torch.Tensor | None,
-                                          scalar_temperature: float, lse: torch.Tensor,
+                                          scalar_temperature: float, state: torch.Tensor,
                                           entropy: torch.Tensor, grad_logp: torch.Tensor | None,
                                           grad_entropy: torch.Tensor | None, ignore_index: int,
                                           impl: str) -> None:
-    _backward_impl(logits, labels, temperature, scalar_temperature, lse, entropy, grad_logp,
+    _backward_impl(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp,
                    grad_entropy, ignore_index, impl, inplace=True)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, scalar_temperature, ignore_index, impl, inplace = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, temperature, lse, entropy)
+    _, entropy, state = output
+    ctx.save_for_backward(logits, labels, temperature, state, entropy)
     ctx.scalar_temperature, ctx.ignore_index = scalar_temperature, ignore_index
     ctx.impl, ctx.inplace = impl, inplace
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(state)
 
 
 def _flat_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
     return None if grad is None else grad.reshape(-1).to(torch.float32).contiguous()
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, labels, temperature, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, grad_state):
+    logits, labels, temperature, state, entropy = ctx.saved_tensors
     grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
     if grad_logp is None and grad_entropy is None:
         return (None,) * 7
-    args = (logits, labels, temperature, ctx.scalar_temperature, lse, entropy.reshape(-1),
+    args = (logits, labels, temperature, ctx.scalar_temperature, state, entropy.reshape(-1),
             grad_logp, grad_entropy, ctx.ignore_index, ctx.impl)
     if ctx.inplace:
         _logprobs_entropy_backward_inplace_op(*args)
@@ -254,7 +260,9 @@ def _prepare(logits: torch.Tensor, labels: torch.Tensor | None, temperature: flo
     if labels.device != logits.device:
         raise ValueError(f"labels must be on the device of logits ({logits.device}), "
                          f"got {labels.device}")
-    check_values = validate or logits.device.type == "cpu"
+    # Value checks read tensors back to the host: free on CPU, opt-in elsewhere, and skipped
+    # while torch.compile traces (a data-dependent branch would break the graph).
+    check_values = (validate or logits.device.type == "cpu") and not torch.compiler.is_compiling()
     if check_values:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):

@@ -10,12 +10,14 @@ non-negative and updated with a single exp2 per element:
 
 Lanes are merged at the end around the first lane holding the row max, so the entropy
 H = log1p(rest) + ln2·a/(1 + rest) has no cancellation (exact for H ≪ 1e-6). Values are in
-log2 units (s = z·log2(e)/T). Only O(N) values leave the kernel: logp, H and lse.
+log2 units (s = z·log2(e)/T). Only O(N) values leave the kernel: logp, H and a per-row
+state (row max in log2 units, log1p(rest)) from which the backward rebuilds
+log p_v = (s_v - max) - log1p(rest) without the rounding of a large lse.
 
 Backward: one read of the row and one write of the gradient (into a new tensor, or in
 place over the logits):
 
-    ∂/∂z_v = [g_lp·(1[v=y] - p_v) - g_H·p_v·(ln p_v + H)] / T,   p_v = 2^(s_v - lse₂).
+    ∂/∂z_v = [g_lp·(1[v=y] - p_v) - g_H·p_v·(ln p_v + H)] / T.
 
 Addresses are int64 (N·V passes 2^31 at 16k × 152k). Rows are addressed as
 (row // inner)·stride_outer + (row % inner)·stride_inner, so a sliced 3-D tensor such as
@@ -72,23 +74,25 @@ def _row_pointer(base, row, inner_rows, stride_outer, stride_inner):
 
 
 @triton.jit
-def _inv_temperature(temperature_ptr, row, scalar_inv_temperature,
-                     HAS_TEMPERATURE_TENSOR: tl.constexpr):
+def _row_scales(temperature_ptr, row, scalar_inv_temperature,
+                HAS_TEMPERATURE_TENSOR: tl.constexpr):
+    """(1/T, log2(e)/T) of a row, computed identically by forward and backward so that the
+    backward's s_v - max is exactly 0 at the argmax."""
+    inv_t = tl.full([], scalar_inv_temperature, tl.float32)
     if HAS_TEMPERATURE_TENSOR:
-        return 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
-    return scalar_inv_temperature
+        inv_t = 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
+    return inv_t, inv_t * 1.4426950408889634
 
 
 @triton.jit
 def _logprob_entropy_fwd_kernel(
-    logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, state_ptr,
     vocab, inner_rows, stride_outer, stride_inner, ignore_index, scalar_inv_temperature,
     HAS_TEMPERATURE_TENSOR: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
-    scale = _inv_temperature(temperature_ptr, row, scalar_inv_temperature,
-                             HAS_TEMPERATURE_TENSOR) * 1.4426950408889634
+    _, scale = _row_scales(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], -1.0e30, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
@@ -96,7 +100,7 @@ def _logprob_entropy_fwd_kernel(
     for start in range(0, vocab, BLOCK_V):
         offsets = start + lanes
         z = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
-        s = tl.maximum(z.to(tl.float32) * scale, -1.0e30)
+        s = tl.maximum((z.to(tl.float32) * scale).to(tl.float32), -1.0e30)
         d = s - m
         x = tl.exp2(-tl.abs(d))
         up = d > 0
@@ -111,23 +115,23 @@ def _logprob_entropy_fwd_kernel(
     a_total = tl.sum(weight * a + (weight * gap) * (1.0 + rest), axis=0)
     log_norm = _log1p(rest_total)
     entropy = log_norm + 0.6931471805599453 * a_total / (1.0 + rest_total)
-    lse = row_max * 0.6931471805599453 + log_norm
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     in_range = (label >= 0) & (label < vocab)
     z_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
-    s_label = z_label * scale
+    s_label = (z_label * scale).to(tl.float32)
     logp = (s_label - row_max) * 0.6931471805599453 - log_norm
     logp = tl.where(in_range, logp, float("nan"))
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(state_ptr + 2 * row, row_max)
+    tl.store(state_ptr + 2 * row + 1, log_norm)
 
 
 @triton.jit
 def _logprob_entropy_bwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, temperature_ptr, lse_ptr, entropy_ptr,
+    logits_ptr, grad_ptr, labels_ptr, temperature_ptr, state_ptr, entropy_ptr,
     grad_logp_ptr, grad_entropy_ptr,
     vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
     ignore_index, scalar_inv_temperature,
@@ -137,9 +141,10 @@ def _logprob_entropy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
     grad_row_ptr = _row_pointer(grad_ptr, row, inner_rows, grad_stride_outer, grad_stride_inner)
-    inv_t = _inv_temperature(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
-    scale = inv_t * 1.4426950408889634
-    lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+    inv_t, scale = _row_scales(temperature_ptr, row, scalar_inv_temperature,
+                               HAS_TEMPERATURE_TENSOR)
+    row_max = tl.load(state_ptr + 2 * row)
+    log2_norm = tl.load(state_ptr + 2 * row + 1) * 1.4426950408889634
     entropy = tl.load(entropy_ptr + row)
     g_entropy = 0.0
     if HAS_GRAD_ENTROPY:
@@ -154,7 +159,7 @@ def _logprob_entropy_bwd_kernel(
         offsets = start + lanes
         in_row = offsets < vocab
         z = tl.load(row_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
-        log2_p = z * scale - lse2
+        log2_p = ((z * scale).to(tl.float32) - row_max) - log2_norm
         p = tl.exp2(log2_p)
         grad = tl.zeros([BLOCK_V], tl.float32)
         if HAS_GRAD_ENTROPY:
@@ -206,7 +211,7 @@ def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
                             ignore_index: int, *, out: tuple[torch.Tensor, ...] | None = None,
                             config: KernelConfig | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, H, lse) as flat float32 (N,) tensors.
+    """(logp, H, state): logp and H flat float32 (N,), state (N, 2) for the backward.
 
     logits (..., V) with a contiguous last dim; labels (N,) integer; temperature None (use
     ``scalar_temperature``) or (N,) float32. ``out`` may supply the three output buffers.
@@ -218,24 +223,24 @@ def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
     vocab = logits.shape[-1]
     n_rows = labels.numel()
     if out is None:
-        out = tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-                    for _ in range(3))
-    logp, entropy, lse = out
+        out = tuple(torch.empty(shape, dtype=torch.float32, device=logits.device)
+                    for shape in ((n_rows,), (n_rows,), (n_rows, 2)))
+    logp, entropy, state = out
     if n_rows == 0:
-        return logp, entropy, lse
+        return logp, entropy, state
     config = config or pick_config(vocab, logits.dtype)
     temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
     _logprob_entropy_fwd_kernel[(n_rows,)](
-        logits, labels, temp if has_temp else lse, logp, entropy, lse,
+        logits, labels, temp if has_temp else state, logp, entropy, state,
         vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner, ignore_index, inv_t,
         HAS_TEMPERATURE_TENSOR=has_temp, BLOCK_V=config.block_v, num_warps=config.num_warps,
     )
-    return logp, entropy, lse
+    return logp, entropy, state
 
 
 def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
                              temperature: torch.Tensor | None, scalar_temperature: float,
-                             lse: torch.Tensor, entropy: torch.Tensor,
+                             state: torch.Tensor, entropy: torch.Tensor,
                              grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
                              ignore_index: int, *, inplace: bool = False,
                              out: torch.Tensor | None = None,
@@ -264,9 +269,9 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
     config = config or pick_config(vocab, logits.dtype)
     temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
     _logprob_entropy_bwd_kernel[(n_rows,)](
-        logits, grad, labels, temp if has_temp else lse, lse, entropy,
-        grad_logp if grad_logp is not None else lse,
-        grad_entropy if grad_entropy is not None else lse,
+        logits, grad, labels, temp if has_temp else entropy, state, entropy,
+        grad_logp if grad_logp is not None else entropy,
+        grad_entropy if grad_entropy is not None else entropy,
         vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner,
         grad_layout.stride_outer, grad_layout.stride_inner, ignore_index, inv_t,
         HAS_TEMPERATURE_TENSOR=has_temp, HAS_GRAD_LOGP=grad_logp is not None,
