@@ -29,9 +29,10 @@ class EntropyStats(NamedTuple):
 
 
 def log_entropy(entropy: torch.Tensor, eps: float) -> torch.Tensor:
-    """ℓ = ln(max(H, eps)) in at least float32."""
+    """ℓ = ln(max(H, eps)) as float32: the statistics and ĥ both use exactly these values, so
+    the pivot token gets ĥ = 0 exactly whatever the entropy dtype."""
     dtype = torch.promote_types(entropy.dtype, torch.float32)
-    return entropy.to(dtype).clamp_min(eps).log()
+    return entropy.to(dtype).clamp_min(eps).log().to(torch.float32)
 
 
 def nearest_rank(count: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     quantile = check_float("quantile", quantile, min_value=0.0, max_value=1.0)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
 
-    ell = log_entropy(entropy, eps).to(torch.float32)
+    ell = log_entropy(entropy, eps)
     valid = valid & ~torch.isnan(ell)
     count = valid.sum(dtype=torch.int64)
     log_max = torch.where(valid, ell, float("-inf")).amax()

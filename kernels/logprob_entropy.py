@@ -41,6 +41,7 @@ NEG_LARGE = -1.0e30  # the -inf stand-in: 2^(NEG_LARGE - m) == 0, NEG_LARGE · 0
 class KernelConfig(NamedTuple):
     block_v: int
     num_warps: int
+    num_stages: int = 3  # Triton's CUDA default
 
 
 def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
@@ -50,6 +51,7 @@ def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
     ``HAPO_OPS_BLOCK_V`` / ``HAPO_OPS_NUM_WARPS`` override it for sweeps.
     """
     env_block, env_warps = os.environ.get("HAPO_OPS_BLOCK_V"), os.environ.get("HAPO_OPS_NUM_WARPS")
+    env_stages = os.environ.get("HAPO_OPS_NUM_STAGES")
     elements_per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
     block = 4096 if elements_per_16_bytes >= 8 else 2048
     block = min(block, max(16, triton.next_power_of_2(vocab)))
@@ -58,7 +60,7 @@ def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
         block = int(env_block)
     if env_warps:
         warps = int(env_warps)
-    return KernelConfig(block, warps)
+    return KernelConfig(block, warps, int(env_stages) if env_stages else 3)
 
 
 @triton.jit
@@ -234,6 +236,7 @@ def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
         logits, labels, temp if has_temp else state, logp, entropy, state,
         vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner, ignore_index, inv_t,
         HAS_TEMPERATURE_TENSOR=has_temp, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return logp, entropy, state
 
@@ -276,7 +279,7 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
         grad_layout.stride_outer, grad_layout.stride_inner, ignore_index, inv_t,
         HAS_TEMPERATURE_TENSOR=has_temp, HAS_GRAD_LOGP=grad_logp is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=config.block_v,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grad
 
