@@ -1,0 +1,109 @@
+"""Command line: ``python -m benchmarks [--quick] [--out DIR] [--only trainer|logprob]
+[--device cpu|cuda] [--budget-s S]``.
+
+Progress goes to stderr, the final Markdown tables to stdout. Files (results.json,
+results.md, a PNG plot when matplotlib is importable) are written only with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+SUITES = ("trainer", "logprob")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmarks of hapo_ops: trainer-side ops at the size of one RL step, "
+                    "and log-prob + entropy from logits against eager, torch.compile and "
+                    "Liger-Kernel (CUDA).")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller trainer batch (1024 responses), fewer CPU tokens, "
+                             "shorter CUDA timing")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write results.json, results.md and the plot here "
+                             "(default: print only)")
+    parser.add_argument("--only", choices=SUITES, help="run one suite")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="start no new case after S seconds; remaining cases are "
+                             "reported as skipped (default: no limit)")
+    # Tiny shapes and every implementation, with Triton under TRITON_INTERPRET=1 on CPU:
+    # a smoke test of the GPU code paths on a machine without one.
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+class Interrupted(BaseException):
+    """Raised by SIGTERM (e.g. from ``timeout``) so that partial results are still written."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+    import torch
+
+    from benchmarks import common, logprob_entropy, report, trainer_ops
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.monotonic()
+    deadline = started + args.budget_s if args.budget_s else math.inf
+    config = common.TimingConfig.for_device(device, args.quick or args.smoke)
+    metadata: dict[str, Any] = common.environment(device)
+    metadata.update(argv=sys.argv[1:] if argv is None else argv, quick=args.quick,
+                    smoke=args.smoke, budget_s=args.budget_s, timing=dataclasses.asdict(config))
+    common.log(f"device {metadata['device_name']}, torch {metadata['torch']}, "
+               f"triton {metadata['triton']}")
+
+    results: list[common.Result] = []
+    accuracy: list[dict[str, Any]] = []
+    suites = [args.only] if args.only else list(SUITES)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        copy = logprob_entropy.copy_bandwidth(device, config, smoke=args.smoke)
+        results.append(copy)
+        metadata["copy_bandwidth_gbps"] = copy.gbps
+        if "trainer" in suites:
+            trainer_ops.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                            deadline=deadline)
+        if "logprob" in suites:
+            logprob_entropy.run(device, config, results, accuracy, quick=args.quick,
+                                smoke=args.smoke, copy_gbps=copy.gbps, deadline=deadline)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        metadata["interrupted"] = str(exc) or type(exc).__name__
+        common.log(f"interrupted ({metadata['interrupted']}): writing partial results")
+    except Exception as exc:  # noqa: BLE001 - e.g. a device fault: keep what was measured
+        traceback.print_exc()
+        metadata["interrupted"] = f"crashed: {common.short_error(exc)}"
+        common.log(f"{metadata['interrupted']}: writing partial results")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    metadata["wall_s"] = round(time.monotonic() - started, 1)
+
+    doc = report.build(metadata, results, accuracy)
+    text = report.markdown(doc)
+    print(text)
+    if args.out:
+        for path in report.write(doc, text, args.out):
+            common.log(f"wrote {path}")
+    common.log(f"done in {metadata['wall_s']} s")
+    return 1 if "interrupted" in metadata else 0
