@@ -19,8 +19,10 @@ import torch
 
 # (dtype, N, V, share of the time budget, configs)
 CASES = (
-    (torch.bfloat16, 16384, 151936, 0.7, tuple(itertools.product((2048, 4096, 8192), (4, 8, 16), (1, 3)))),
-    (torch.float32, 8192, 151936, 0.3, tuple(itertools.product((1024, 2048, 4096), (4, 8), (3,)))),
+    (torch.bfloat16, 16384, 151936, 0.65,
+     tuple(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16), (3,)))),
+    (torch.float32, 8192, 151936, 0.35,
+     tuple(itertools.product((1024, 2048, 4096), (4, 8, 16), (3,)))),
 )
 
 
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_sweep")
     parser.add_argument("--out")
     parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--best-to", metavar="FILE",
+                        help="write the fastest forward config per dtype here, in the "
+                             "HAPO_OPS_KERNEL_CONFIG format")
     args = parser.parse_args(argv)
 
     import triton.testing
@@ -83,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         del logits, grad
         torch.cuda.empty_cache()
+    if args.best_to and rows:
+        best = {}
+        for row in rows:
+            if row["dtype"] not in best or row["forward_ms"] < best[row["dtype"]]["forward_ms"]:
+                best[row["dtype"]] = row
+        with open(args.best_to, "w") as handle:
+            handle.write(",".join(f"{d}:{r['block_v']}x{r['num_warps']}" for d, r in best.items()))
     if args.out:
         with open(f"{args.out}/kernel_sweep.json", "w") as handle:
             json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,

@@ -121,6 +121,9 @@ def _check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True)
     check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     check_same_device("old_logprobs", old_logprobs, "logprobs", logprobs)
+    if old_logprobs.dtype != logprobs.dtype:
+        raise TypeError(f"old_logprobs must have the dtype of logprobs ({logprobs.dtype}), "
+                        f"got {old_logprobs.dtype}")
     advantages = check_tensor("advantages", advantages, floating=True)
     check_same_device("advantages", advantages, "logprobs", logprobs)
     if advantages.shape != logprobs.shape:
@@ -138,7 +141,7 @@ def _clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid
                        log_ratio_clamp: float) -> torch.Tensor:
     """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = torch.where(valid, logprobs - old_logprobs.to(logprobs.dtype), zero)
+    log_ratio = torch.where(valid, logprobs - old_logprobs, zero)
     return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
 
 
@@ -225,7 +228,9 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         entropy = entropy.detach()
         if stats is None:
             stats = entropy_stats(entropy, valid, quantile=quantile, eps=entropy_eps)
+        # ĥ is float32 (see log_entropy); the bounds take the precision of the loss.
         h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
+        h_hat = h_hat.to(logprobs.dtype)
         clip_low, clip_high = adaptive_clip_bounds(h_hat, eps_low=eps_low, eps_high=eps_high,
                                                    alpha=alpha)
         log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,

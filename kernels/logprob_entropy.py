@@ -1,18 +1,14 @@
 """Fused per-token log-prob and entropy kernels (forward and backward) over logits rows.
 
-Forward: one program per row streams the row once in ``BLOCK_V`` blocks. Each lane keeps
-its own running max m, the mass ``rest`` off its argmax and ``a = Σ 2^(s-m)(m-s)``, all
-non-negative and updated with a single exp2 per element:
-
-    d = s - m,  x = 2^(-|d|)
-    d > 0:  rest ← x·(rest + 1),   a ← x·a + (x·d)·(1 + rest)     (new max; old max joins rest)
-    d ≤ 0:  rest ← rest + x,       a ← a + x·(-d)
-
-Lanes are merged at the end around the first lane holding the row max, so the entropy
-H = log1p(rest) + ln2·a/(1 + rest) has no cancellation (exact for H ≪ 1e-6). Values are in
-log2 units (s = z·log2(e)/T). Only O(N) values leave the kernel: logp, H and a per-row
-state (row max in log2 units, log1p(rest)) from which the backward rebuilds
-log p_v = (s_v - max) - log1p(rest) without the rounding of a large lse.
+Forward: one program per row streams the row once in ``BLOCK_V`` blocks (full blocks
+unmasked, one masked tail). With M the running row max, each lane accumulates
+rest = Σ 2^(s-M) over entries below M, ties = the count of entries equal to M, and
+spread = Σ 2^(s-M)(M-s): one exp2 and a handful of FMAs per element, all terms
+non-negative. A block that raises M rescales the lane sums once. The entropy
+H = log1p(rest + ties - 1) + ln2·spread/(rest + ties) then has no cancellation (exact for
+H ≪ 1e-6). Values are in log2 units (s = z·log2(e)/T). Only O(N) values leave the kernel:
+logp, H and a per-row state (row max in log2 units, log1p(rest)) from which the backward
+rebuilds log p_v = (s_v - max) - log1p(rest) without the rounding of a large lse.
 
 Backward: one read of the row and one write of the gradient (into a new tensor, or in
 place over the logits):
@@ -47,20 +43,28 @@ class KernelConfig(NamedTuple):
 def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
     """Block size and warps per vocabulary size and dtype.
 
-    A rule rather than autotuning (the in-place backward cannot be re-run by an autotuner);
-    ``HAPO_OPS_BLOCK_V`` / ``HAPO_OPS_NUM_WARPS`` override it for sweeps.
+    A rule rather than autotuning (an autotuner would re-run the in-place backward). The
+    environment variable ``HAPO_OPS_KERNEL_CONFIG`` overrides it per dtype, for sweeps:
+    for example ``bfloat16:4096x8,float32:2048x4``.
     """
-    env_block, env_warps = os.environ.get("HAPO_OPS_BLOCK_V"), os.environ.get("HAPO_OPS_NUM_WARPS")
-    env_stages = os.environ.get("HAPO_OPS_NUM_STAGES")
+    override = _config_override(dtype)
+    if override is not None:
+        return override
     elements_per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
     block = 4096 if elements_per_16_bytes >= 8 else 2048
     block = min(block, max(16, triton.next_power_of_2(vocab)))
     warps = max(1, min(8, block // (32 * elements_per_16_bytes)))
-    if env_block:
-        block = int(env_block)
-    if env_warps:
-        warps = int(env_warps)
-    return KernelConfig(block, warps, int(env_stages) if env_stages else 3)
+    return KernelConfig(block, warps)
+
+
+def _config_override(dtype: torch.dtype) -> KernelConfig | None:
+    name = str(dtype).removeprefix("torch.")
+    for entry in os.environ.get("HAPO_OPS_KERNEL_CONFIG", "").split(","):
+        key, _, value = entry.strip().partition(":")
+        if key == name and value:
+            block, _, warps = value.partition("x")
+            return KernelConfig(int(block), int(warps))
+    return None
 
 
 @triton.jit
@@ -90,6 +94,41 @@ def _row_scales(temperature_ptr, row, scalar_inv_temperature,
 
 
 @triton.jit
+def _scaled(z, scale):
+    """s = z·log2(e)/T in fp32, with -inf (and anything below -1e30) held at -1e30. The max
+    also keeps the compiler from fusing the product into a later subtraction (an FMA would
+    make s - max nonzero at the argmax)."""
+    return tl.maximum(z.to(tl.float32) * scale, -1.0e30)
+
+
+@triton.jit
+def _accumulate_block(s, row_max, rest, spread, ties):
+    """Fold one block of scaled logits into the row's running statistics.
+
+    With M the running max (a scalar), per lane: rest = Σ 2^(s-M) over entries below M,
+    ties = how many entries equal M, spread = Σ 2^(s-M)·(M-s). When the block raises M, the
+    old statistics are rescaled once (rare after the first blocks); the old ties become
+    mass off the new max.
+    """
+    block_max = tl.max(s, axis=0)
+    if block_max > row_max:
+        shift = block_max - row_max
+        factor = tl.exp2(-shift)
+        at_old_max = rest + ties
+        spread = factor * spread + (factor * shift) * at_old_max
+        rest = factor * at_old_max
+        ties = tl.zeros_like(ties)
+        row_max = block_max
+    d = s - row_max
+    is_max = d == 0.0
+    weight = tl.exp2(tl.where(is_max, float("-inf"), d))
+    rest += weight
+    spread -= weight * d
+    ties += tl.where(is_max, 1.0, 0.0)
+    return row_max, rest, spread, ties
+
+
+@triton.jit
 def _logprob_entropy_fwd_kernel(
     logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, state_ptr,
     vocab, inner_rows, stride_outer, stride_inner, ignore_index, scalar_inv_temperature,
@@ -99,34 +138,32 @@ def _logprob_entropy_fwd_kernel(
     row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
     _, scale = _row_scales(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
     lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    row_max = tl.full([], -1.0e30, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
-    a = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        offsets = start + lanes
+    spread = tl.zeros([BLOCK_V], tl.float32)
+    ties = tl.zeros([BLOCK_V], tl.float32)
+    full_blocks_end = (vocab // BLOCK_V) * BLOCK_V
+    for start in range(0, full_blocks_end, BLOCK_V):  # unmasked loads
+        s = _scaled(tl.load(row_ptr + start + lanes), scale)
+        row_max, rest, spread, ties = _accumulate_block(s, row_max, rest, spread, ties)
+    if full_blocks_end < vocab:
+        offsets = full_blocks_end + lanes
         z = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
-        s = tl.maximum((z.to(tl.float32) * scale).to(tl.float32), -1.0e30)
-        d = s - m
-        x = tl.exp2(-tl.abs(d))
-        up = d > 0
-        a = tl.where(up, x * a + (x * d) * (1.0 + rest), a - x * d)
-        rest = tl.where(up, x * (rest + 1.0), rest + x)
-        m = tl.maximum(m, s)
-    row_max = tl.max(m, axis=0)
-    first_top = tl.min(tl.where(m == row_max, lanes, BLOCK_V), axis=0)
-    weight = tl.exp2(m - row_max)
-    gap = row_max - m
-    rest_total = tl.sum(tl.where(lanes == first_top, rest, weight * (1.0 + rest)), axis=0)
-    a_total = tl.sum(weight * a + (weight * gap) * (1.0 + rest), axis=0)
+        row_max, rest, spread, ties = _accumulate_block(_scaled(z, scale), row_max, rest,
+                                                        spread, ties)
+    rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
+    spread_total = tl.sum(spread, axis=0)
     log_norm = _log1p(rest_total)
-    entropy = log_norm + 0.6931471805599453 * a_total / (1.0 + rest_total)
+    entropy = log_norm + 0.6931471805599453 * spread_total / (1.0 + rest_total)
+    no_finite_logit = row_max <= -1.0e30
+    entropy = tl.where(no_finite_logit, float("nan"), entropy)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     in_range = (label >= 0) & (label < vocab)
-    z_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
-    s_label = (z_label * scale).to(tl.float32)
+    s_label = _scaled(tl.load(row_ptr + tl.where(in_range, label, 0)), scale)
     logp = (s_label - row_max) * 0.6931471805599453 - log_norm
-    logp = tl.where(in_range, logp, float("nan"))
+    logp = tl.where(s_label <= -1.0e30, float("-inf"), logp)
+    logp = tl.where(in_range & ~no_finite_logit, logp, float("nan"))
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
@@ -163,8 +200,8 @@ def _logprob_entropy_bwd_kernel(
     for start in range(0, vocab, BLOCK_V):
         offsets = start + lanes
         in_row = offsets < vocab
-        z = tl.load(row_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
-        log2_p = ((z * scale).to(tl.float32) - row_max) - log2_norm
+        z = tl.load(row_ptr + offsets, mask=in_row, other=0.0)
+        log2_p = (_scaled(z, scale) - row_max) - log2_norm
         p = tl.exp2(log2_p)
         grad = tl.zeros([BLOCK_V], tl.float32)
         if HAS_GRAD_ENTROPY:

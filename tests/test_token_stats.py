@@ -305,3 +305,35 @@ def test_cuda_full_vocab_matches_reference(dtype):
     temperature = torch.rand(64, device="cuda") + 0.5
     _check_against_reference(logits, labels, temperature, "triton")
     _check_against_reference(logits, labels, temperature, "triton", inplace=True)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_at_the_max_and_late_maxima(impl, device, dtype):
+    """Equal maxima in one block and across blocks, and a max that only appears in the tail:
+    the kernel's tie count and block rescaling must give the exact entropy."""
+    vocab = 9000  # two full 4096-blocks and a tail
+    logits = torch.randn(5, vocab) * 2
+    logits[0, [3, 100, 4095]] = 40.0                # ties inside the first block
+    logits[1, [10, 5000, 8999]] = 40.0              # ties across blocks and in the tail
+    logits[2, 8998] = 45.0                          # the max only in the tail block
+    logits[3, 0] = 30.0
+    logits[3, 8500] = 30.0 + 1e-3                   # a later block raises the max a little
+    logits[4, :] = 1.0                              # all tied: H = ln V
+    logits = logits.to(dtype).to(device)
+    labels = torch.tensor([100, 8999, 8998, 0, 17], device=device)
+    _check_against_reference(logits, labels, 1.0, impl)
+    _, entropy = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl)
+    _, ref_entropy = reference_logprobs_and_entropy(logits, labels)
+    rel = ((entropy.double() - ref_entropy).abs() / ref_entropy).max().item()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_row_without_finite_logit_is_nan(impl, device):
+    logits = torch.full((2, 50), float("-inf"), device=device)
+    logits[1, 3] = 0.5
+    logp, entropy = hapo_ops.logprobs_and_entropy(logits, torch.tensor([3, 3], device=device),
+                                                  impl=impl)
+    assert torch.isnan(entropy[0]) and torch.isnan(logp[0])
+    assert entropy[1] == 0 and logp[1] == 0
