@@ -1,7 +1,7 @@
 """Fused per-token log-prob and entropy kernels (forward and backward) over logits rows.
 
-Forward: one program per row streams the row once in ``BLOCK_V`` blocks (full blocks
-unmasked, one masked tail). With M the running row max, each lane accumulates
+Forward: one program per row streams the row once in ``BLOCK_V`` blocks, the next block's
+load issued before the current block is reduced. With M the running row max, each lane accumulates
 rest = Σ 2^(s-M) over entries below M, ties = the count of entries equal to M, and
 spread = Σ 2^(s-M)(M-s): one exp2 and a handful of FMAs per element, all terms
 non-negative. A block that raises M rescales the lane sums once. The entropy
@@ -40,20 +40,25 @@ class KernelConfig(NamedTuple):
     num_stages: int = 3  # Triton's CUDA default
 
 
-def pick_config(vocab: int, dtype: torch.dtype) -> KernelConfig:
-    """Block size and warps per vocabulary size and dtype.
+def pick_config(vocab: int, dtype: torch.dtype, pass_: str = "forward") -> KernelConfig:
+    """Block size and warps per pass, vocabulary size and dtype.
 
-    A rule rather than autotuning (an autotuner would re-run the in-place backward). The
-    environment variable ``HAPO_OPS_KERNEL_CONFIG`` overrides it per dtype, for sweeps:
-    for example ``bfloat16:4096x8,float32:2048x4``.
+    A rule rather than autotuning (an autotuner would re-run the in-place backward), from the
+    sweep on an H200 (``benchmarks/results/``, N=16384, V=151936): the forward is fastest
+    with small programs (1024-wide blocks, 2 warps for 2-byte dtypes, 4 for fp32), the
+    backward with wide ones (4096-wide blocks, 16 warps). ``HAPO_OPS_KERNEL_CONFIG``
+    overrides it per dtype for sweeps, e.g. ``bfloat16:1024x2,float32:1024x4``.
     """
     override = _config_override(dtype)
     if override is not None:
         return override
-    elements_per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
-    block = 4096 if elements_per_16_bytes >= 8 else 2048
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if pass_ == "backward":
+        block, warps = 4096, 16
+    else:
+        block, warps = 1024, (2 if itemsize <= 2 else 4)
     block = min(block, max(16, triton.next_power_of_2(vocab)))
-    warps = max(1, min(8, block // (32 * elements_per_16_bytes)))
+    warps = max(1, min(warps, block // 64))
     return KernelConfig(block, warps)
 
 
@@ -142,13 +147,13 @@ def _logprob_entropy_fwd_kernel(
     rest = tl.zeros([BLOCK_V], tl.float32)
     spread = tl.zeros([BLOCK_V], tl.float32)
     ties = tl.zeros([BLOCK_V], tl.float32)
-    full_blocks_end = (vocab // BLOCK_V) * BLOCK_V
-    for start in range(0, full_blocks_end, BLOCK_V):  # unmasked loads
-        s = _scaled(tl.load(row_ptr + start + lanes), scale)
-        row_max, rest, spread, ties = _accumulate_block(s, row_max, rest, spread, ties)
-    if full_blocks_end < vocab:
-        offsets = full_blocks_end + lanes
-        z = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
+    # Software prefetch: the next block's load is in flight while this block is reduced, so
+    # memory latency overlaps the arithmetic (bf16 carries twice the elements per byte).
+    z_next = tl.load(row_ptr + lanes, mask=lanes < vocab, other=float("-inf"))
+    for start in range(0, vocab, BLOCK_V):
+        z = z_next
+        offsets = start + BLOCK_V + lanes
+        z_next = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
         row_max, rest, spread, ties = _accumulate_block(_scaled(z, scale), row_max, rest,
                                                         spread, ties)
     rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
@@ -309,7 +314,7 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
         grad_layout = RowLayout(layout.inner_rows, layout.inner_rows * vocab, vocab)
     if n_rows == 0:
         return grad
-    config = config or pick_config(vocab, logits.dtype)
+    config = config or pick_config(vocab, logits.dtype, "backward")
     temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
     _logprob_entropy_bwd_kernel[(n_rows,)](
         logits, grad, labels, temp if has_temp else entropy, state, entropy,
