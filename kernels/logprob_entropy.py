@@ -205,7 +205,7 @@ def _logprob_entropy_bwd_kernel(
     for start in range(0, vocab, BLOCK_V):
         offsets = start + lanes
         in_row = offsets < vocab
-        z = tl.load(row_ptr + offsets, mask=in_row, other=0.0)
+        z = tl.load(row_ptr + offsets, mask=in_row, other=float("-inf"))
         log2_p = (_scaled(z, scale) - row_max) - log2_norm
         p = tl.exp2(log2_p)
         grad = tl.zeros([BLOCK_V], tl.float32)
