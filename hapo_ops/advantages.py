@@ -3,6 +3,11 @@ ratio-aware redistribution (HAPO, arXiv 2509.16591, §3.2-3.3; SPEC §4).
 
 All ops are vectorised segment reductions over ``group_ids`` (no Python loop over rows or
 groups, no host sync); group statistics are accumulated in float64.
+
+Data parallel (``group=`` a process group): group ids are global, and a group's responses
+may sit on different ranks. Each rank all-gathers the per-row values (group id, R_i, L_i:
+O(B) numbers, nothing per token), computes the advantages of the whole batch exactly as a
+single process would on the concatenation (rank order), and keeps its own rows.
 """
 
 from __future__ import annotations
@@ -13,8 +18,22 @@ from hapo_ops._segments import compact_group_index, segment_sum_gather
 from hapo_ops._validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
+from hapo_ops.distributed import all_gather_rows
 
 _ACCUMULATE = torch.float64
+
+
+def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """(group ids, float64 per-row columns) of every rank's rows in rank order, and the
+    offset of this rank's rows; unchanged without a group. One all-gather of (B, 1 + C)
+    float64 (the int64 ids travel bit-cast, exactly), after one of the row counts (the only
+    host read: the receive sizes)."""
+    if group is None:
+        return group_ids, columns, 0
+    ids = group_ids.to(torch.int64).view(torch.float64)
+    packed, offset = all_gather_rows(torch.stack([ids, *columns], dim=-1), group)
+    return packed[:, 0].contiguous().view(torch.int64), list(packed[:, 1:].unbind(-1)), offset
 
 
 def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
@@ -57,18 +76,20 @@ def _grpo_per_sequence(rewards: torch.Tensor, slots: torch.Tensor, normalize_std
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
                     mask: torch.Tensor | None = None, *, normalize_std: bool = True,
-                    eps: float = 1e-6) -> torch.Tensor:
+                    eps: float = 1e-6, group=None) -> torch.Tensor:
     """GRPO advantages: A_i = (R_i - mean_g R) / (std_g R + eps).
 
     Source: DeepSeekMath (arXiv 2402.03300), §4.1. std is unbiased over the sequences of the
     group; a group of one gets mean 0 and std 1. ``normalize_std=False`` gives R_i - mean_g.
     Returns (B,), or with ``mask`` (B, L) the value broadcast over each row and zero outside
-    the mask.
+    the mask. ``group``: a process group; groups then pool rows over all ranks (module
+    docstring) and each rank gets its own rows.
     """
     _check_rewards_and_groups(rewards, group_ids)
     eps = check_float("eps", eps, min_value=0.0)
-    advantages = _grpo_per_sequence(rewards, compact_group_index(group_ids), normalize_std, eps)
-    advantages = advantages.to(_output_dtype(rewards))
+    ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(_ACCUMULATE)])
+    advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
+    advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
     if mask is None:
         return advantages
     valid = _check_response_mask(mask, rewards)
@@ -79,7 +100,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
 def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
                                  mask: torch.Tensor, *, normalize_std: bool = True,
                                  eps: float = 1e-6, fallback_threshold: float | None = 5.0,
-                                 variant: str = "paper") -> torch.Tensor:
+                                 variant: str = "paper", group=None) -> torch.Tensor:
     """HAPO's token-level group average (TLGA): each token, not each sequence, is a sample.
 
     With token counts L_i = Σ_t m_it:
@@ -91,7 +112,8 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     takes the GRPO advantages instead. ``variant="released"`` also counts each padding
     position of the group's rows in that test, with the value (0 - μ_g)/(σ_g + eps), as the
     public reference code does. A group with no valid token gets 0. ``fallback_threshold=None``
-    disables the fallback.
+    disables the fallback. ``group``: a process group; groups then pool rows over all ranks
+    (module docstring; "padding" is judged against each rank's own padded length L).
     """
     _check_rewards_and_groups(rewards, group_ids)
     valid = _check_response_mask(mask, rewards)
@@ -101,9 +123,22 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
                                          min_value=0.0, min_inclusive=False)
     variant = check_variant(variant)
 
-    slots = compact_group_index(group_ids)
-    r = rewards.to(_ACCUMULATE)
     lengths = valid.sum(-1).to(_ACCUMULATE)
+    padded = (lengths < valid.shape[-1]).to(_ACCUMULATE)
+    ids, (r, lengths, padded), offset = _global_rows(
+        group, group_ids, [rewards.to(_ACCUMULATE), lengths, padded])
+    advantages = _token_level_per_sequence(r, compact_group_index(ids), lengths, padded > 0,
+                                           normalize_std, eps, fallback_threshold, variant)
+    advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
+    return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
+                                                                device=advantages.device))
+
+
+def _token_level_per_sequence(r: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                              has_padding: torch.Tensor, normalize_std: bool, eps: float,
+                              fallback_threshold: float | None, variant: str) -> torch.Tensor:
+    """Per-row TLGA advantage (float64, (B,)) from rewards, slots, token counts L_i and
+    whether each row has padding (formulas: :func:`token_level_group_advantages`)."""
     group_tokens = segment_sum_gather(lengths, slots)
     has_tokens = group_tokens > 0
     safe_tokens = group_tokens.clamp_min(1.0)
@@ -117,16 +152,12 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     if fallback_threshold is not None:
         triggers = (lengths > 0) & (advantages.abs() >= fallback_threshold)
         if variant == "released":
-            has_padding = lengths < valid.shape[-1]
             triggers |= has_padding & ((0.0 - mean) / scale).abs().ge(fallback_threshold)
         falls_back = segment_sum_gather(triggers.to(_ACCUMULATE), slots) > 0
-        grpo = _grpo_per_sequence(rewards, slots, normalize_std, eps)
+        grpo = _grpo_per_sequence(r, slots, normalize_std, eps)
         advantages = torch.where(falls_back, grpo, advantages)
 
-    advantages = torch.where(has_tokens, advantages, torch.zeros_like(advantages))
-    advantages = advantages.to(_output_dtype(rewards))
-    return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
-                                                                device=advantages.device))
+    return torch.where(has_tokens, advantages, torch.zeros_like(advantages))
 
 
 def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,

@@ -15,6 +15,10 @@ place over the logits):
 
     ∂/∂z_v = [g_lp·(1[v=y] - p_v) - g_H·p_v·(ln p_v + H)] / T.
 
+Vocabulary shards (``hapo_ops.distributed``): ``RAW_STATS`` makes the forward store the
+row's sums (max, rest, spread, label logit) instead of logp and H, for combining across
+ranks; ``SHARDED`` makes the backward keep -g_lp·p_v on rows whose label another shard holds.
+
 Addresses are int64 (N·V passes 2^31 at 16k × 152k). Rows are addressed as
 (row // inner)·stride_outer + (row % inner)·stride_inner, so a sliced 3-D tensor such as
 ``logits[:, :-1]`` needs no copy.
@@ -134,21 +138,16 @@ def _accumulate_block(s, row_max, rest, spread, ties):
 
 
 @triton.jit
-def _logprob_entropy_fwd_kernel(
-    logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, state_ptr,
-    vocab, inner_rows, stride_outer, stride_inner, ignore_index, scalar_inv_temperature,
-    HAS_TEMPERATURE_TENSOR: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
-    _, scale = _row_scales(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
+def _row_statistics(row_ptr, vocab, scale, BLOCK_V: tl.constexpr):
+    """(max, rest, spread) of s = z·scale over one row (log2 units): one streaming pass in
+    ``BLOCK_V`` blocks, the next block's load issued before the current one is reduced (so
+    memory latency overlaps the arithmetic; bf16 carries two elements per 4 bytes), then the
+    per-lane sums merged: rest = Σ_lanes rest + (ties - 1)."""
     lanes = tl.arange(0, BLOCK_V)
     row_max = tl.full([], -1.0e30, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
     spread = tl.zeros([BLOCK_V], tl.float32)
     ties = tl.zeros([BLOCK_V], tl.float32)
-    # Software prefetch: the next block's load is in flight while this block is reduced, so
-    # memory latency overlaps the arithmetic (bf16 carries twice the elements per byte).
     z_next = tl.load(row_ptr + lanes, mask=lanes < vocab, other=float("-inf"))
     for start in range(0, vocab, BLOCK_V):
         z = z_next
@@ -157,23 +156,47 @@ def _logprob_entropy_fwd_kernel(
         row_max, rest, spread, ties = _accumulate_block(_scaled(z, scale), row_max, rest,
                                                         spread, ties)
     rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
-    spread_total = tl.sum(spread, axis=0)
+    return row_max, rest_total, tl.sum(spread, axis=0)
+
+
+@triton.jit
+def _entropy_from_statistics(row_max, rest_total, spread_total):
+    """(H in nats, log1p(rest)) from the row sums; H is NaN for a row with no finite logit."""
     log_norm = _log1p(rest_total)
     entropy = log_norm + 0.6931471805599453 * spread_total / (1.0 + rest_total)
-    no_finite_logit = row_max <= -1.0e30
-    entropy = tl.where(no_finite_logit, float("nan"), entropy)
+    return tl.where(row_max <= -1.0e30, float("nan"), entropy), log_norm
 
+
+@triton.jit
+def _logprob_entropy_fwd_kernel(
+    logits_ptr, labels_ptr, temperature_ptr, logp_ptr, entropy_ptr, state_ptr,
+    vocab, inner_rows, stride_outer, stride_inner, ignore_index, scalar_inv_temperature,
+    HAS_TEMPERATURE_TENSOR: tl.constexpr, BLOCK_V: tl.constexpr, RAW_STATS: tl.constexpr = False,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    _, scale = _row_scales(temperature_ptr, row, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR)
+    row_max, rest_total, spread_total = _row_statistics(row_ptr, vocab, scale, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
     in_range = (label >= 0) & (label < vocab)
     s_label = _scaled(tl.load(row_ptr + tl.where(in_range, label, 0)), scale)
-    logp = (s_label - row_max) * 0.6931471805599453 - log_norm
-    logp = tl.where(s_label <= -1.0e30, float("-inf"), logp)
-    logp = tl.where(in_range & ~no_finite_logit, logp, float("nan"))
-    logp = tl.where(label == ignore_index, 0.0, logp)
-    tl.store(logp_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(state_ptr + 2 * row, row_max)
-    tl.store(state_ptr + 2 * row + 1, log_norm)
+    if RAW_STATS:
+        # The row's sums before normalisation (one vocabulary shard): state is (N, 4).
+        tl.store(state_ptr + 4 * row, row_max)
+        tl.store(state_ptr + 4 * row + 1, rest_total)
+        tl.store(state_ptr + 4 * row + 2, spread_total)
+        tl.store(state_ptr + 4 * row + 3, s_label)
+    else:
+        entropy, log_norm = _entropy_from_statistics(row_max, rest_total, spread_total)
+        no_finite_logit = row_max <= -1.0e30
+        logp = (s_label - row_max) * 0.6931471805599453 - log_norm
+        logp = tl.where(s_label <= -1.0e30, float("-inf"), logp)
+        logp = tl.where(in_range & ~no_finite_logit, logp, float("nan"))
+        logp = tl.where(label == ignore_index, 0.0, logp)
+        tl.store(logp_ptr + row, logp)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(state_ptr + 2 * row, row_max)
+        tl.store(state_ptr + 2 * row + 1, log_norm)
 
 
 @triton.jit
@@ -183,7 +206,7 @@ def _logprob_entropy_bwd_kernel(
     vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
     ignore_index, scalar_inv_temperature,
     HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, SHARDED: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
@@ -199,8 +222,12 @@ def _logprob_entropy_bwd_kernel(
     g_logp = 0.0
     label = tl.load(labels_ptr + row).to(tl.int64)
     if HAS_GRAD_LOGP:
-        label_ok = (label != ignore_index) & (label >= 0) & (label < vocab)
-        g_logp = tl.where(label_ok, tl.load(grad_logp_ptr + row).to(tl.float32) * inv_t, 0.0)
+        g_logp = tl.load(grad_logp_ptr + row).to(tl.float32) * inv_t
+        if not SHARDED:
+            # A vocabulary shard keeps -g·p_v for labels held by another shard (the caller
+            # zeroes g for ignored rows); unsharded, a label outside [0, V) has no gradient.
+            label_ok = (label != ignore_index) & (label >= 0) & (label < vocab)
+            g_logp = tl.where(label_ok, g_logp, 0.0)
     lanes = tl.arange(0, BLOCK_V)
     for start in range(0, vocab, BLOCK_V):
         offsets = start + lanes
@@ -286,15 +313,48 @@ def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
     return logp, entropy, state
 
 
+def logprob_entropy_row_stats(logits: torch.Tensor, labels: torch.Tensor,
+                              temperature: torch.Tensor | None, scalar_temperature: float, *,
+                              config: KernelConfig | None = None) -> torch.Tensor:
+    """(N, 4) float32 per-row sums [m, rest, spread, s_y] in log2 units, before normalisation
+    (the forward kernel with ``RAW_STATS``): m the row max of s = z·log2(e)/T (-1e30 for a
+    row with no finite logit), rest = Σ_{v≠argmax} 2^(s_v-m), spread = Σ 2^(s_v-m)(m-s_v),
+    s_y the label's s where 0 ≤ label < V (unspecified elsewhere). For vocabulary shards."""
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    vocab = logits.shape[-1]
+    n_rows = labels.numel()
+    stats = torch.empty((n_rows, 4), dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return stats
+    config = config or pick_config(vocab, logits.dtype)
+    temp, inv_t, has_temp = _temperature_args(temperature, scalar_temperature)
+    _logprob_entropy_fwd_kernel[(n_rows,)](
+        logits, labels, temp if has_temp else stats, stats, stats, stats,
+        vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner, 0, inv_t,
+        HAS_TEMPERATURE_TENSOR=has_temp, BLOCK_V=config.block_v, RAW_STATS=True,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return stats
+
+
 def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
                              temperature: torch.Tensor | None, scalar_temperature: float,
                              state: torch.Tensor, entropy: torch.Tensor,
                              grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
                              ignore_index: int, *, inplace: bool = False,
                              out: torch.Tensor | None = None,
-                             config: KernelConfig | None = None) -> torch.Tensor:
+                             config: KernelConfig | None = None,
+                             sharded: bool = False) -> torch.Tensor:
     """∂L/∂logits in the logits dtype: a new contiguous tensor, ``out``, or (``inplace``) the
-    logits buffer itself."""
+    logits buffer itself.
+
+    ``sharded``: ``logits`` is one vocabulary shard, ``labels`` are shard-local (outside
+    [0, V) when another shard holds the label) and ``grad_logp`` is already zero where logp
+    has no gradient; -g_lp·p_v then applies to every row, +g_lp only at a label in [0, V).
+    """
     layout = row_layout(logits)
     if layout is None:
         if inplace:
@@ -323,11 +383,11 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
         vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner,
         grad_layout.stride_outer, grad_layout.stride_inner, ignore_index, inv_t,
         HAS_TEMPERATURE_TENSOR=has_temp, HAS_GRAD_LOGP=grad_logp is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=config.block_v,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=config.block_v, SHARDED=sharded,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grad
 
 
 __all__ = ["KernelConfig", "LN2", "LOG2E", "NEG_LARGE", "RowLayout", "logprob_entropy_backward",
-           "logprob_entropy_forward", "pick_config", "row_layout"]
+           "logprob_entropy_forward", "logprob_entropy_row_stats", "pick_config", "row_layout"]

@@ -1,0 +1,300 @@
+"""Tensor- and data-parallel ops against the single-process result (SPEC §6).
+
+Each test spawns a gloo process group on CPU (world sizes 2 and 3); every rank computes its
+part and returns tensors to the parent, which compares them with the single-process op on
+the whole batch. Many checks share one spawned group: starting one costs seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hapo_ops
+from hapo_ops.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
+from hapo_ops.token_stats import triton_available
+
+TIMEOUT_S = 180
+IMPLS = ["torch"] + (["triton"] if triton_available()
+                     and os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+# ------------------------------------------------------------------------------ harness
+
+def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
+    try:
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported here
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+        result = fn(rank, world, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - report every failure to the parent
+        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def run_ranks(fn, world: int, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; their return values."""
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [context.Process(target=_entry, args=(r, world, init_file, tmp, fn, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT_S)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = [open(os.path.join(tmp, f"{r}.err")).read() for r in range(world)
+                  if os.path.exists(os.path.join(tmp, f"{r}.err"))]
+        if hung or errors:
+            pytest.fail(f"ranks {hung} timed out after {TIMEOUT_S} s; errors:\n"
+                        + "\n".join(errors))
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False)  # our own files
+                for r in range(world)]
+
+
+# ------------------------------------------------------------------------------ TP
+
+def _tp_inputs(sizes: list[int]):
+    """(logits (3, 5, V) float32, global labels, per-token temperature, upstream weights)
+    with the hard cases placed on rows the shards split in different ways."""
+    vocab = sum(sizes)
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, 5, vocab, generator=g) * 3.0
+    flat = logits.view(-1, vocab)
+    flat[0, 3] += 20.0                     # near-deterministic, max in shard 0 (H < 1e-6)
+    flat[1, vocab - 2] += 15.0             # near-deterministic, max in the last shard
+    flat[2, :] = -8.0
+    flat[2, 1] = flat[2, vocab - 1] = 9.0  # the max tied across the first and last shard
+    flat[3, vocab - sizes[-1]:] = float("-inf")   # the last shard has no finite logit
+    flat[4, :] = flat[4, 0]                # uniform row
+    labels = torch.randint(0, vocab, (3, 5), generator=g)
+    labels.view(-1)[0] = 3                 # the argmax of the near-deterministic row
+    labels.view(-1)[1] = 0                 # a tiny probability on another shard than the max
+    labels.view(-1)[3] = vocab - 1         # a -inf logit: logp = -inf
+    labels.view(-1)[[5, 11]] = -100        # ignored
+    temperature = 0.5 + torch.rand(3, 5, generator=g)
+    w_logp, w_entropy = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    return logits, labels, temperature, w_logp, w_entropy
+
+
+def _tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
+    group = dist.group.WORLD
+    logits, labels, temperature, w_logp, w_entropy = _tp_inputs(sizes)
+    start = sum(sizes[:rank])
+    vocab_start = start if pass_start else None
+    out = {}
+    for impl in IMPLS:
+        shard = logits[..., start:start + sizes[rank]].clone().requires_grad_(True)
+        logp, entropy = hapo_ops.logprobs_and_entropy(
+            shard, labels, temperature=temperature, impl=impl, tp_group=group,
+            vocab_start=vocab_start)
+        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        out[impl] = (logp.detach(), entropy.detach(), shard.grad)
+        # Gradient of one output only; the wrappers; a scalar temperature.
+        shard2 = logits[..., start:start + sizes[rank]].clone().requires_grad_(True)
+        hapo_ops.token_entropy(shard2, tp_group=group, impl=impl).mul(w_entropy).sum().backward()
+        logp_only = hapo_ops.token_logprobs(shard, labels, temperature=0.7, tp_group=group,
+                                            impl=impl, vocab_start=vocab_start)
+        out[impl + "-entropy-only"] = shard2.grad
+        out[impl + "-logp-t0.7"] = logp_only.detach()
+    # Labels held by no shard raise on every rank (after the all-reduce: no rank hangs).
+    bad = labels.clone()
+    bad[0, 0] = sum(sizes)
+    try:
+        hapo_ops.logprobs_and_entropy(logits[..., start:start + sizes[rank]], bad,
+                                      tp_group=group, impl="torch")
+        out["raised"] = False
+    except ValueError:
+        out["raised"] = True
+    return out
+
+
+def _float64_reference(logits, labels, temperature):
+    s = logits.double() / temperature.double()[..., None]
+    log_p = s.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    logp = log_p.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return torch.where(labels == -100, 0.0, logp), entropy
+
+
+@pytest.mark.parametrize("sizes,pass_start", [([20, 10, 7], False), ([25, 12], True)],
+                         ids=["world3-derived-start", "world2-given-start"])
+def test_vocab_parallel_matches_unsharded(sizes, pass_start):
+    results = run_ranks(_tp_worker, len(sizes), sizes, pass_start)
+    logits, labels, temperature, w_logp, w_entropy = _tp_inputs(sizes)
+    ref_logp64, ref_entropy64 = _float64_reference(logits, labels, temperature)
+    for impl in IMPLS:
+        full = logits.clone().requires_grad_(True)
+        logp, entropy = hapo_ops.logprobs_and_entropy(full, labels, temperature=temperature,
+                                                      impl=impl)
+        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        full2 = logits.clone().requires_grad_(True)
+        hapo_ops.token_entropy(full2, impl=impl).mul(w_entropy).sum().backward()
+        logp_t07 = hapo_ops.token_logprobs(logits, labels, temperature=0.7, impl=impl)
+        for rank, res in enumerate(results):
+            tp_logp, tp_entropy, tp_grad_shard = res[impl]
+            # Every rank returns the whole (replicated) result, equal to the unsharded op.
+            torch.testing.assert_close(tp_logp, logp.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(tp_entropy, entropy.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(res[impl + "-logp-t0.7"], logp_t07, rtol=1e-5, atol=1e-5)
+            # Near-deterministic rows stay exact: relative error of H against float64.
+            rel = ((tp_entropy.double() - ref_entropy64).abs() / ref_entropy64).max()
+            assert rel < 1e-5, (impl, rank, rel)
+            assert tp_logp.view(-1)[3] == float("-inf")
+            torch.testing.assert_close(tp_logp.double(), ref_logp64, rtol=1e-5, atol=1e-5)
+        tp_grad = torch.cat([res[impl][2] for res in results], dim=-1)
+        torch.testing.assert_close(tp_grad, full.grad, rtol=1e-5, atol=1e-6)
+        tp_grad_entropy = torch.cat([res[impl + "-entropy-only"] for res in results], dim=-1)
+        torch.testing.assert_close(tp_grad_entropy, full2.grad, rtol=1e-5, atol=1e-6)
+    assert all(res["raised"] for res in results)
+
+
+# ------------------------------------------------------------------------------ DP
+
+def _dp_inputs(world: int):
+    """Uneven per-rank pieces of one batch; the last rank has no valid token."""
+    g = torch.Generator().manual_seed(world)
+    rows = [4, 7, 3][:world]
+    total, length = sum(rows), 6
+    entropy = torch.exp(torch.randn(total, length, generator=g) * 6.0 - 4.0)
+    entropy[0, :3] = entropy[1, 0]                     # repeated values at the pivot
+    entropy[2, 2] = 0.0                                # below eps
+    mask = torch.rand(total, length, generator=g) < 0.7
+    mask[-rows[-1]:] = False                           # the last rank: no valid token
+    group_ids = torch.randperm(total, generator=g) % 4  # groups split across ranks
+    group_ids[0] = 17                                  # a group of one
+    rewards = torch.bernoulli(torch.full((total,), 0.5), generator=g)
+    rewards[1] = 3.0                                   # an outlier: fallback in its group
+    per_token = torch.randn(total, length, generator=g, dtype=torch.float64)
+    return rows, entropy, mask, group_ids, rewards, per_token
+
+
+def _split(tensor: torch.Tensor, rows: list[int], rank: int) -> torch.Tensor:
+    return tensor[sum(rows[:rank]):sum(rows[:rank + 1])]
+
+
+def _advantage_cases():
+    return {"tlga": dict(), "tlga-released": dict(variant="released"),
+            "tlga-no-std": dict(normalize_std=False), "tlga-low-threshold":
+            dict(fallback_threshold=1.0)}
+
+
+def _dp_worker(rank: int, world: int):
+    group = dist.group.WORLD
+    rows, entropy, mask, group_ids, rewards, per_token = _dp_inputs(world)
+    mine = {name: _split(t, rows, rank) for name, t in
+            dict(entropy=entropy, mask=mask, group_ids=group_ids, rewards=rewards,
+                 per_token=per_token).items()}
+    out = {}
+    for q in (0.0, 0.5, 0.8, 1.0):
+        out[f"stats-{q}"] = hapo_ops.entropy_stats(mine["entropy"], mine["mask"], quantile=q,
+                                                   group=group)
+    # The whole group sees no valid token.
+    out["stats-empty"] = hapo_ops.entropy_stats(mine["entropy"], torch.zeros_like(mine["mask"]),
+                                                group=group)
+    for name, kwargs in _advantage_cases().items():
+        out[name] = hapo_ops.token_level_group_advantages(
+            mine["rewards"], mine["group_ids"], mine["mask"], group=group, **kwargs)
+    out["grpo"] = hapo_ops.grpo_advantages(mine["rewards"], mine["group_ids"], mine["mask"],
+                                           group=group)
+    out["grpo-no-std"] = hapo_ops.grpo_advantages(mine["rewards"], mine["group_ids"],
+                                                  normalize_std=False, group=group)
+    # Token-mean over micro-batches and ranks: the step's token count, summed losses.
+    micro = [(mine["per_token"][i:i + 2], mine["mask"][i:i + 2])
+             for i in range(0, rows[rank], 2)]
+    num_tokens = hapo_ops.global_token_count([m for _, m in micro], group)
+    num_sequences = hapo_ops.global_sequence_count([m for _, m in micro], group)
+    out["num_tokens"], out["num_sequences"] = num_tokens, num_sequences
+    out["token-mean"] = sum(hapo_ops.aggregate_loss(pt, m, num_tokens=num_tokens)
+                            for pt, m in micro)
+    out["seq-mean-token-sum"] = sum(hapo_ops.aggregate_loss(pt, m, "seq-mean-token-sum",
+                                                            num_sequences=num_sequences)
+                                    for pt, m in micro)
+    gathered, offset = all_gather_rows(torch.full((rank + 1, 2), float(rank)), group)
+    out["gather"], out["offset"] = gathered, offset
+    x = torch.tensor([rank, -rank], dtype=torch.int64)
+    out["sum"], out["max"] = all_reduce_sum(x, group), all_reduce_max(x, group)
+    out["input-unchanged"] = torch.equal(x, torch.tensor([rank, -rank]))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_matches_single_process(world):
+    results = run_ranks(_dp_worker, world)
+    rows, entropy, mask, group_ids, rewards, per_token = _dp_inputs(world)
+    for q in (0.0, 0.5, 0.8, 1.0):
+        ref = hapo_ops.entropy_stats(entropy, mask, quantile=q)
+        for res in results:  # bitwise, on every rank
+            for got, want in zip(res[f"stats-{q}"], ref, strict=True):
+                assert torch.equal(got, want), (q, got, want)
+    empty = hapo_ops.entropy_stats(entropy, torch.zeros_like(mask))
+    for res in results:
+        assert all(torch.equal(a, b) for a, b in zip(res["stats-empty"], empty, strict=True))
+
+    for name, kwargs in _advantage_cases().items():
+        ref = hapo_ops.token_level_group_advantages(rewards, group_ids, mask, **kwargs)
+        got = torch.cat([res[name] for res in results])
+        assert torch.equal(got, ref), name
+    ref = hapo_ops.grpo_advantages(rewards, group_ids, mask)
+    assert torch.equal(torch.cat([res["grpo"] for res in results]), ref)
+    ref = hapo_ops.grpo_advantages(rewards, group_ids, normalize_std=False)
+    assert torch.equal(torch.cat([res["grpo-no-std"] for res in results]), ref)
+
+    total = sum(res["token-mean"] for res in results)
+    torch.testing.assert_close(total, hapo_ops.aggregate_loss(per_token, mask), rtol=1e-12,
+                               atol=0)
+    total = sum(res["seq-mean-token-sum"] for res in results)
+    torch.testing.assert_close(total, hapo_ops.aggregate_loss(per_token, mask,
+                                                              "seq-mean-token-sum"),
+                               rtol=1e-12, atol=0)
+    for rank, res in enumerate(results):
+        assert int(res["num_tokens"]) == int(mask.sum())
+        assert int(res["num_sequences"]) == int(mask.any(-1).sum())
+        expected = torch.cat([torch.full((r + 1, 2), float(r)) for r in range(world)])
+        assert torch.equal(res["gather"], expected)
+        assert res["offset"] == sum(r + 1 for r in range(rank))
+        assert res["sum"].tolist() == [sum(range(world)), -sum(range(world))]
+        assert res["max"].tolist() == [world - 1, 0]
+        assert res["input-unchanged"]
+
+
+# ------------------------------------------------------------------------------ no group
+
+def test_without_group_nothing_is_communicated():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert int(hapo_ops.global_token_count(mask)) == 3
+    assert int(hapo_ops.global_token_count([mask, mask[:1]])) == 5
+    assert int(hapo_ops.global_sequence_count([mask, torch.zeros_like(mask)])) == 2
+    x = torch.arange(3)
+    assert all_reduce_sum(x) is x and all_reduce_max(x) is x
+    rows, offset = all_gather_rows(x)
+    assert rows is x and offset == 0
+
+
+def test_distributed_argument_errors():
+    logits, labels = torch.randn(4, 7), torch.randint(0, 7, (4,))
+    with pytest.raises(ValueError, match="vocab_start"):
+        hapo_ops.logprobs_and_entropy(logits, labels, vocab_start=3)
+    with pytest.raises(TypeError, match="tp_group"):
+        hapo_ops.logprobs_and_entropy(logits, labels, tp_group="world")
+    with pytest.raises(ValueError, match="group"):
+        hapo_ops.entropy_stats(torch.rand(4), torch.ones(4), group=object(),
+                               reduce_counts=lambda t: t)
+    with pytest.raises(ValueError, match="mask"):
+        hapo_ops.global_token_count([])
