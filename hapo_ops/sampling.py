@@ -1,0 +1,291 @@
+"""Adaptive-temperature sampling: one token per row at T = T_base·(1 + τ·ĥ) (SPEC §3).
+
+Source: HAPO, arXiv 2509.16591, §3.1. ĥ comes from the entropy H of the raw (T = 1)
+next-token distribution and ``EntropyStats`` of the previous training batch; the token is
+drawn from softmax(z/T_row), and its log-prob under that same distribution (the behaviour
+policy) is returned with the temperature, so that a trainer can form an exact importance
+ratio.
+
+Two implementations:
+  "triton"  one fused kernel (``hapo_ops.kernels.sampling``): two reads of the logits, nothing
+            of size B×V written, Gumbel-max with a counter-based Philox RNG keyed by
+            (seed, row id, vocabulary index): reproducible for a seed and independent of how
+            rows are batched.
+  "torch"   the same semantics in row chunks of PyTorch (entropy and log-probs through
+            ``hapo_ops.token_stats``), with an exponential race driven by a
+            ``torch.Generator``: another random stream, which depends on the batch layout.
+            It also supports ``top_k`` / ``top_p``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hapo_ops import token_stats
+from hapo_ops._validation import check_float, check_tensor, check_variant
+from hapo_ops.entropy_signal import EntropyStats
+from hapo_ops.temperature import adaptive_temperature
+
+SEED_LIMIT = 1 << 63
+
+
+class SampleOutput(NamedTuple):
+    """Result of :func:`adaptive_temperature_sample`, all (B,), no gradient.
+
+    tokens: int64 drawn token ids; temperature: float32 T of each row; logprobs: float32
+    log-prob of the drawn token under the distribution it was drawn from; entropy: float32
+    Shannon entropy (nats) of the raw T = 1 distribution.
+    """
+
+    tokens: torch.Tensor
+    temperature: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+def _check_logits(logits: object) -> torch.Tensor:
+    logits = check_tensor("logits", logits, floating=True)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (B, V), got {tuple(logits.shape)}")
+    return logits
+
+
+def _check_stats(stats: object) -> EntropyStats | None:
+    if stats is None:
+        return None
+    if not isinstance(stats, tuple) or len(stats) != 3:
+        raise TypeError(f"stats must be an EntropyStats or None, got {type(stats).__name__}")
+    return EntropyStats(*stats)
+
+
+def _check_seed(seed: object, generator: object) -> None:
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_top_k(top_k: object) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (None disables it), got {top_k}")
+    return top_k
+
+
+def _check_top_p(top_p: object) -> float | None:
+    if top_p is None:
+        return None
+    return check_float("top_p", top_p, min_value=0.0, min_inclusive=False, max_value=1.0)
+
+
+def _check_row_ids(row_ids: object, logits: torch.Tensor) -> torch.Tensor:
+    n_rows = logits.shape[0]
+    if row_ids is None:
+        return torch.arange(n_rows, dtype=torch.int64, device=logits.device)
+    row_ids = check_tensor("row_ids", row_ids, integer=True)
+    if tuple(row_ids.shape) != (n_rows,):
+        raise ValueError(f"row_ids must have shape ({n_rows},), got {tuple(row_ids.shape)}")
+    if row_ids.device != logits.device:
+        raise ValueError(f"row_ids must be on the device of logits ({logits.device}), "
+                         f"got {row_ids.device}")
+    return row_ids.to(torch.int64).contiguous()
+
+
+def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
+    """A seed in [0, 2^63) drawn from ``generator`` (torch's default CPU generator if None),
+    as a (1,) int64 tensor on the generator's device (no host sync)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, SEED_LIMIT - 1, (1,), generator=generator, device=device,
+                         dtype=torch.int64)
+
+
+def _seed_tensor(seed: int | None, generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """The kernel's (1,) int64 seed on ``device`` without a host sync: a fill for an int (or a
+    seed drawn on the CPU), a draw on the device for a device generator (a host-to-device copy
+    of a pageable CPU tensor would synchronize the stream)."""
+    if seed is None:
+        drawn = _draw_seed(generator)
+        if drawn.device == device:
+            return drawn
+        if drawn.device.type != "cpu":
+            return drawn.to(device)
+        seed = int(drawn)  # a CPU tensor: no device sync
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# Torch path
+# ---------------------------------------------------------------------------------------
+
+def filter_top_k_top_p(scaled: torch.Tensor, top_k: int | None,
+                       top_p: float | None) -> torch.Tensor:
+    """Set to -inf the entries of ``scaled`` (rows of z/T) outside the top-k, then outside the
+    smallest top-probability set of mass ≥ top_p (the first token always stays), as
+    transformers and vLLM do after the temperature."""
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def _torch_generator(logits: torch.Tensor, seed: int | None,
+                     generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None and generator.device.type == logits.device.type:
+        return generator
+    if seed is None:
+        seed = int(_draw_seed(generator).cpu())  # a CPU generator: no device sync
+    return torch.Generator(device=logits.device).manual_seed(seed)
+
+
+def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator,
+                 top_k: int | None, top_p: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, log of the mass kept by top-k/top-p) from (B, V) logits and per-row T.
+
+    Exponential race in row chunks: token = argmax_v z_v/T - ln E_v, E ~ Exp(1) drawn in
+    float64 (no token wins through a rounded-to-zero E). Rows with no finite logit give 0.
+    """
+    n_rows, vocab = logits.shape
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    log_kept = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
+    step = max(1, token_stats.TORCH_CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        scaled = logits[start:stop].to(torch.float32) / temperature[start:stop, None]
+        kept = filter_top_k_top_p(scaled, top_k, top_p)
+        if kept is not scaled:
+            log_kept[start:stop] = kept.logsumexp(-1) - scaled.logsumexp(-1)
+        race = torch.empty(kept.shape, dtype=torch.float64, device=logits.device)
+        race.exponential_(generator=generator)
+        key = kept - race.clamp_min_(1e-300).log_().to(torch.float32)
+        tokens[start:stop] = key.nan_to_num(nan=float("-inf")).argmax(-1)
+    return tokens, log_kept
+
+
+def _sample_torch(logits, stats, base_temperature, tau, variant, seed, generator, top_k,
+                  top_p) -> SampleOutput:
+    entropy = token_stats.token_entropy(logits, impl="torch")
+    temperature = adaptive_temperature(entropy, stats, base_temperature=base_temperature,
+                                       tau=tau, variant=variant).to(torch.float32)
+    gen = _torch_generator(logits, seed, generator)
+    tokens, log_kept = torch_sample(logits, temperature, gen, top_k, top_p)
+    no_distribution = torch.isnan(entropy)
+    tokens = tokens.masked_fill(no_distribution, 0)
+    safe_t = temperature.masked_fill(no_distribution, 1.0)
+    logprobs = token_stats.token_logprobs(logits, tokens, temperature=safe_t, impl="torch")
+    logprobs = (logprobs - log_kept).masked_fill(no_distribution, float("nan"))
+    temperature = temperature.masked_fill(no_distribution, float("nan"))
+    return SampleOutput(tokens, temperature, logprobs, entropy)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton path
+# ---------------------------------------------------------------------------------------
+
+def _stats_tensor(stats: EntropyStats | None, logits: torch.Tensor) -> torch.Tensor | None:
+    if stats is None:
+        return None
+    return torch.stack([torch.as_tensor(s).reshape(()).to(logits.device, torch.float32)
+                        for s in stats])
+
+
+def _sample_triton(logits, stats, base_temperature, tau, variant, seed, generator,
+                   row_ids) -> SampleOutput:
+    from hapo_ops.kernels.sampling import adaptive_sample_forward
+
+    seed_tensor = _seed_tensor(seed, generator, logits.device)
+    tokens, temperature, logprobs, entropy = adaptive_sample_forward(
+        logits, _stats_tensor(stats, logits), seed_tensor, row_ids,
+        base_temperature=base_temperature, tau=tau, paper=variant == "paper")
+    return SampleOutput(tokens, temperature, logprobs, entropy)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None, *,
+                                base_temperature: float = 1.0, tau: float = 0.05,
+                                variant: str = "paper", seed: int | None = None,
+                                generator: torch.Generator | None = None,
+                                top_k: int | None = None, top_p: float | None = None,
+                                row_ids: torch.Tensor | None = None,
+                                impl: str = "auto") -> SampleOutput:
+    """Draw one token per row from softmax(z/T_row), T_row = T_base·(1 + τ·ĥ_row).
+
+    H_row = entropy of softmax(z_row) (T = 1), ĥ = ``normalized_entropy(H, stats,
+    variant=variant)``, T = ``adaptive_temperature(H, stats, ...)``; ``stats=None`` (no
+    training batch yet) gives T = T_base for every row. Source: HAPO (arXiv 2509.16591)
+    §3.1; SPEC §3.
+
+    Args:
+      logits: (B, V) float logits of the next token (any float dtype; math in fp32).
+      stats: ``EntropyStats`` of the previous training batch, or None.
+      seed / generator: at most one. ``seed`` (int in [0, 2^63)) makes the draw reproducible;
+        ``generator`` supplies the seed (Triton) or the random stream (torch); neither draws a
+        seed from torch's default CPU generator (so ``torch.manual_seed`` reproduces it).
+      top_k, top_p: optional truncation applied after the temperature, as engines do (torch
+        path only; ``impl="auto"`` then takes the torch path, ``impl="triton"`` raises).
+        ``logprobs`` is then the log-prob under the truncated, renormalized distribution
+        actually sampled from.
+      row_ids: (B,) integer identity of each row in the kernel's counter-based RNG (default
+        ``arange(B)``): a row with the same logits, seed and row id draws the same token in
+        any batch. The torch path draws from a ``torch.Generator`` stream instead (another
+        stream, which depends on the batch) and ignores it.
+      impl: "auto" (Triton on CUDA without top_k/top_p, else torch), "torch" or "triton".
+    Returns:
+      ``SampleOutput(tokens, temperature, logprobs, entropy)``, each (B,), no gradient.
+      Without truncation ``logprobs == token_logprobs(logits, tokens, temperature=temperature)``
+      and ``entropy == token_entropy(logits)``. A row whose logits are all -inf (no
+      distribution) gives token 0 and NaN temperature, logprob and entropy. Entries at -inf
+      are never drawn otherwise.
+    """
+    logits = _check_logits(logits)
+    stats = _check_stats(stats)
+    base_temperature = check_float("base_temperature", base_temperature, min_value=0.0,
+                                   min_inclusive=False)
+    tau = check_float("tau", tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
+                      max_inclusive=False)
+    variant = check_variant(variant)
+    _check_seed(seed, generator)
+    top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
+    row_ids = _check_row_ids(row_ids, logits)
+    truncated = top_k is not None or top_p is not None
+    if impl == "auto" and truncated:
+        impl = "torch"
+    impl = token_stats.resolve_impl(impl, logits)
+    with torch.no_grad():
+        logits = logits.detach()
+        if impl == "triton":
+            if truncated:
+                raise ValueError("top_k and top_p are supported by impl='torch' only; the fused "
+                                 "kernel samples from the full softmax(z/T)")
+            token_stats._check_triton_device(logits)
+            return _sample_triton(logits, stats, base_temperature, tau, variant, seed,
+                                  generator, row_ids)
+        return _sample_torch(logits, stats, base_temperature, tau, variant, seed, generator,
+                             top_k, top_p)
+
+
+__all__ = ["SampleOutput", "adaptive_temperature_sample", "filter_top_k_top_p"]

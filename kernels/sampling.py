@@ -1,0 +1,168 @@
+"""Fused adaptive-temperature sampling kernel (SPEC §3; HAPO, arXiv 2509.16591, §3.1).
+
+One program per row, two reads of the row, O(B) outputs (nothing of size B×V is written):
+
+1. T = 1 pass: the row's entropy H with the exact accumulation of the log-prob kernel
+   (``_accumulate_block``, same block size and order, so H is bitwise the value of
+   ``token_entropy``); then, from the ``EntropyStats`` scalars, ℓ = ln(max(H, 1e-8)),
+   ĥ = clamp((ℓ - m)/max(ℓ_max - m, ε) or the variant's branch below m, -1, 1) and
+   T = T_base·(1 + τ·ĥ), the formula of ``adaptive_temperature``.
+2. Sampling pass at that T, Gumbel-max (equivalently an exponential race):
+   token = argmax_v s_v - log2(E_v), s = z·log2(e)/T, E_v ~ Exp(1) i.i.d., while the same
+   ``_accumulate_block`` folds s into the log-sum-exp at T, so that the behaviour log-prob
+   logp = (s_tok - max)·ln2 - log1p(rest) comes out of this pass (bitwise the value of
+   ``token_logprobs(..., temperature=T)``).
+
+Random numbers: counter-based Philox4x32-10 (``tl.philox``), key = the 64-bit seed,
+counter = (v // 4, 0, row_id low, row_id high); vocabulary entry v takes output v % 4.
+A draw therefore depends only on (seed, row_id, v): not on the batch a row sits in, its
+position, the block size or the launch. E = -ln(1 - w) with w = (k + 1/2)·2^-23 from the top
+23 bits (w strictly inside (0, 1), so E is finite and positive), through a series for small
+w: no accuracy is lost where E is tiny, which is where a token wins. Entries at -inf (or
+below -1e30) get the key -inf and are never drawn while the row has a finite entry.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hapo_ops.kernels.logprob_entropy import (KernelConfig, _accumulate_block, _log1p,
+                                              _entropy_from_statistics, _row_pointer,
+                                              _row_scales, _row_statistics, _scaled, pick_config,
+                                              row_layout)
+
+
+@triton.jit
+def _adaptive_temperature(entropy, stats_ptr, base_temperature, tau,
+                          HAS_STATS: tl.constexpr, PAPER: tl.constexpr):
+    """T = T_base·(1 + τ·ĥ) with ĥ of ``normalized_entropy`` (eps = 1e-8), in fp32."""
+    temperature = tl.full([], base_temperature, tl.float32)
+    if HAS_STATS:
+        pivot = tl.load(stats_ptr)
+        log_max = tl.load(stats_ptr + 1)
+        log_min = tl.load(stats_ptr + 2)
+        ell = tl.log(tl.maximum(entropy, 1.0e-8))
+        above = (ell - pivot) / tl.maximum(log_max - pivot, 1.0e-8)
+        if PAPER:
+            gap = ell - pivot
+        else:
+            gap = pivot - ell
+        below = gap / tl.maximum(pivot - log_min, 1.0e-8)
+        h_hat = tl.where(ell > pivot, above, below)
+        h_hat = tl.minimum(tl.maximum(h_hat, -1.0), 1.0)
+        temperature = base_temperature * (1.0 + tau * h_hat)
+    return temperature
+
+
+@triton.jit
+def _exponential_log2(bits):
+    """log2(E), E = -ln(1 - w) ~ Exp(1), w = (bits >> 9 + 1/2)·2^-23 ∈ (0, 1); a Taylor
+    series (relative error < w^7/8) where w < 0.05, so small E keeps full precision."""
+    w = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0 + w * (0.25 + w * (0.2 + w * (1.0 / 6.0
+                                                                               + w / 7.0))))))
+    exponential = tl.where(w < 0.05, series, -tl.log(1.0 - w))
+    return tl.log2(exponential)
+
+
+@triton.jit
+def _random_bits(seed, start, row_lo, row_hi, BLOCK_V: tl.constexpr):
+    """BLOCK_V Philox outputs for vocabulary entries start … start + BLOCK_V - 1: entry v is
+    output v % 4 of the counter (v // 4, 0, row_lo, row_hi) (``start`` divisible by 4)."""
+    quads = (start // 4 + tl.arange(0, BLOCK_V // 4)).to(tl.uint32)
+    zero = quads * 0
+    r0, r1, r2, r3 = tl.philox(seed, quads, zero, zero + row_lo, zero + row_hi)
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_V])
+
+
+@triton.jit
+def _adaptive_sample_kernel(
+    logits_ptr, stats_ptr, seed_ptr, row_ids_ptr,
+    tokens_ptr, temperature_ptr, logp_ptr, entropy_ptr,
+    vocab, inner_rows, stride_outer, stride_inner, base_temperature, tau,
+    HAS_STATS: tl.constexpr, PAPER: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+
+    # Pass 1: T = 1 entropy (the log-prob kernel's accumulation), then the row's temperature.
+    _, scale_1 = _row_scales(stats_ptr, row, 1.0, False)
+    max_1, rest_1, spread_1 = _row_statistics(row_ptr, vocab, scale_1, BLOCK_V)
+    entropy, _ = _entropy_from_statistics(max_1, rest_1, spread_1)
+    no_finite_logit = max_1 <= -1.0e30
+    temperature = _adaptive_temperature(entropy, stats_ptr, base_temperature, tau, HAS_STATS,
+                                        PAPER)
+
+    # Pass 2: Gumbel-max at T and the log-sum-exp at T, from the same loads.
+    inv_t = 1.0 / temperature
+    scale = inv_t * 1.4426950408889634
+    seed = tl.load(seed_ptr)
+    row_id = tl.load(row_ids_ptr + row).to(tl.int64)
+    row_lo = (row_id & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = ((row_id >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    lanes = tl.arange(0, BLOCK_V)
+    row_max = tl.full([], -1.0e30, tl.float32)
+    rest = tl.zeros([BLOCK_V], tl.float32)
+    spread = tl.zeros([BLOCK_V], tl.float32)
+    ties = tl.zeros([BLOCK_V], tl.float32)
+    best_key = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_V], tl.int32)
+    z_next = tl.load(row_ptr + lanes, mask=lanes < vocab, other=float("-inf"))
+    for start in range(0, vocab, BLOCK_V):
+        z = z_next
+        offsets = start + BLOCK_V + lanes
+        z_next = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
+        s = _scaled(z, scale)
+        row_max, rest, spread, ties = _accumulate_block(s, row_max, rest, spread, ties)
+        log2_e = _exponential_log2(_random_bits(seed, start, row_lo, row_hi, BLOCK_V))
+        key = tl.where(s <= -1.0e30, float("-inf"), s - log2_e)
+        better = key > best_key
+        best_key = tl.where(better, key, best_key)
+        best_index = tl.where(better, start + lanes, best_index)
+    top = tl.max(best_key, axis=0)
+    token = tl.min(tl.where(best_key == top, best_index, 2147483647), axis=0).to(tl.int64)
+    log_norm = _log1p(tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0))
+    s_token = _scaled(tl.load(row_ptr + token), scale)
+    logp = (s_token - row_max) * 0.6931471805599453 - log_norm
+
+    nan = float("nan")
+    tl.store(tokens_ptr + row, tl.where(no_finite_logit, 0, token))
+    tl.store(temperature_ptr + row, tl.where(no_finite_logit, nan, temperature))
+    tl.store(logp_ptr + row, tl.where(no_finite_logit, nan, logp))
+    tl.store(entropy_ptr + row, tl.where(no_finite_logit, nan, entropy))
+
+
+def adaptive_sample_forward(logits: torch.Tensor, stats: torch.Tensor | None,
+                            seed: torch.Tensor, row_ids: torch.Tensor, *,
+                            base_temperature: float, tau: float, paper: bool,
+                            config: KernelConfig | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens int64, temperature, logp, entropy float32), each (B,), from logits (B, V).
+
+    stats: None or (3,) float32 (pivot, log_max, log_min) on the logits' device; seed: (1,)
+    int64 on that device (read in-kernel: no host sync); row_ids: (B,) int64 RNG row identities.
+    """
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    n_rows, vocab = logits.shape
+    device = logits.device
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
+    temperature, logp, entropy = (torch.empty(n_rows, dtype=torch.float32, device=device)
+                                  for _ in range(3))
+    config = config or pick_config(vocab, logits.dtype)
+    _adaptive_sample_kernel[(n_rows,)](
+        logits, stats if stats is not None else temperature, seed, row_ids,
+        tokens, temperature, logp, entropy,
+        vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner,
+        float(base_temperature), float(tau),
+        HAS_STATS=stats is not None, PAPER=paper, BLOCK_V=config.block_v,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return tokens, temperature, logp, entropy
+
+
+__all__ = ["adaptive_sample_forward"]
