@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any
 
-SUITES = ("trainer", "logprob")
+SUITES = ("trainer", "logprob", "linear", "distributed", "sampler")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks import common, logprob_entropy, report, trainer_ops
+    from benchmarks import common, linear, logprob_entropy, report, trainer_ops
+    from benchmarks import distributed as distributed_bench
+    from benchmarks import sampler
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -88,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         if "logprob" in suites:
             logprob_entropy.run(device, config, results, accuracy, quick=args.quick,
                                 smoke=args.smoke, copy_gbps=copy.gbps, deadline=deadline)
+        if "linear" in suites:
+            linear.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                       deadline=deadline)
+        if "distributed" in suites:
+            distributed_bench.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                                  deadline=deadline)
+        if "sampler" in suites:
+            sampler.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                        copy_gbps=copy.gbps, deadline=deadline)
     except (Interrupted, KeyboardInterrupt) as exc:
         metadata["interrupted"] = str(exc) or type(exc).__name__
         common.log(f"interrupted ({metadata['interrupted']}): writing partial results")

@@ -90,6 +90,30 @@ def logprob_table(doc: dict[str, Any]) -> str:
     return table(headers, rows)
 
 
+def linear_table(doc: dict[str, Any]) -> str:
+    headers = ["impl", "dtype", "N", "D", "V", "mode", "median ms", "extra peak MB", "note"]
+    rows = [[r["name"], r["dtype"], *(str(x) for x in r["shape"]), r["mode"],
+             _ms(r["median_ms"]), _num(r["extra_peak_mb"], 1), _status(r)]
+            for r in _rows(doc, "linear")]
+    return table(headers, rows)
+
+
+def distributed_table(doc: dict[str, Any]) -> str:
+    headers = ["case", "shape", "bytes per call", "note"]
+    rows = [[r["name"], " × ".join(str(x) for x in r["shape"]), _num(r["bytes_moved"], 0),
+             _status(r)] for r in _rows(doc, "distributed")]
+    return table(headers, rows)
+
+
+def sampler_table(doc: dict[str, Any]) -> str:
+    headers = ["impl", "dtype", "B", "V", "median ms", "GB/s", "% of copy BW", "extra peak MB",
+               "note"]
+    rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), _ms(r["median_ms"]),
+             _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1), _num(r["extra_peak_mb"], 1),
+             _status(r)] for r in _rows(doc, "sampler")]
+    return table(headers, rows)
+
+
 def accuracy_table(doc: dict[str, Any]) -> str:
     headers = ["impl", "dtype", "gap", "rows", "V", "median H (fp64)", "min H (fp64)",
                "max rel err H", "max abs err logp", "note"]
@@ -111,6 +135,14 @@ def markdown(doc: dict[str, Any]) -> str:
             "GB/s: minimum traffic (forward N·V·itemsize; with backward 3·N·V·itemsize) "
             "over the median time. Rows marked *reference* are published, not measured.",
             logprob_table(doc)]
+    if _rows(doc, "linear"):
+        sections += ["## Fused LM head + log-prob + entropy (no N×V logits)", linear_table(doc)]
+    if _rows(doc, "distributed"):
+        sections += ["## Distributed: bytes communicated per call (payload per rank), TP "
+                     "shape N × V, quantile tokens × ranks", distributed_table(doc)]
+    if _rows(doc, "sampler"):
+        sections += ["## Adaptive-temperature sampling (GB/s: two reads of the logits)",
+                     sampler_table(doc)]
     if doc["entropy_accuracy"]:
         sections += ["## Entropy accuracy on near-deterministic rows "
                      "(top logit `gap` above the rest, against float64)", accuracy_table(doc)]

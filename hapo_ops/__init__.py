@@ -5,9 +5,13 @@ Small pure functions; each docstring gives its formula and source. See README.md
 
 from hapo_ops.advantages import (grpo_advantages, redistribute_advantages,
                                  token_level_group_advantages)
+from hapo_ops.distributed import (global_sequence_count, global_token_count,
+                                  vocab_parallel_logprobs_and_entropy)
 from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
+from hapo_ops.linear import linear_logprobs_and_entropy
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, adaptive_clip_bounds,
                              aggregate_loss, clipped_policy_loss, hapo_policy_loss)
+from hapo_ops.sampling import SampleOutput, adaptive_temperature_sample
 from hapo_ops.temperature import adaptive_temperature
 from hapo_ops.token_stats import logprobs_and_entropy, token_entropy, token_logprobs
 
@@ -17,17 +21,23 @@ __all__ = [
     "AGGREGATION_MODES",
     "EntropyStats",
     "PolicyLossOutput",
+    "SampleOutput",
     "adaptive_clip_bounds",
     "adaptive_temperature",
+    "adaptive_temperature_sample",
     "aggregate_loss",
     "clipped_policy_loss",
     "entropy_stats",
+    "global_sequence_count",
+    "global_token_count",
     "grpo_advantages",
     "hapo_policy_loss",
+    "linear_logprobs_and_entropy",
     "logprobs_and_entropy",
     "normalized_entropy",
     "redistribute_advantages",
     "token_entropy",
     "token_level_group_advantages",
     "token_logprobs",
+    "vocab_parallel_logprobs_and_entropy",
 ]
