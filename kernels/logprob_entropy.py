@@ -274,6 +274,16 @@ def row_layout(logits: torch.Tensor) -> RowLayout | None:
     return None
 
 
+def addressable_rows(logits: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+    """``logits`` and its two-stride row layout, copied to contiguous memory only when its
+    leading dims cannot be addressed with two strides."""
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    return logits, layout
+
+
 def _temperature_args(temperature: torch.Tensor | None, scalar_temperature: float):
     if temperature is None:
         return None, 1.0 / scalar_temperature, False
@@ -290,10 +300,7 @@ def logprob_entropy_forward(logits: torch.Tensor, labels: torch.Tensor,
     logits (..., V) with a contiguous last dim; labels (N,) integer; temperature None (use
     ``scalar_temperature``) or (N,) float32. ``out`` may supply the three output buffers.
     """
-    layout = row_layout(logits)
-    if layout is None:
-        logits = logits.contiguous()
-        layout = row_layout(logits)
+    logits, layout = addressable_rows(logits)
     vocab = logits.shape[-1]
     n_rows = labels.numel()
     if out is None:
@@ -320,10 +327,7 @@ def logprob_entropy_row_stats(logits: torch.Tensor, labels: torch.Tensor,
     (the forward kernel with ``RAW_STATS``): m the row max of s = z·log2(e)/T (-1e30 for a
     row with no finite logit), rest = Σ_{v≠argmax} 2^(s_v-m), spread = Σ 2^(s_v-m)(m-s_v),
     s_y the label's s where 0 ≤ label < V (unspecified elsewhere). For vocabulary shards."""
-    layout = row_layout(logits)
-    if layout is None:
-        logits = logits.contiguous()
-        layout = row_layout(logits)
+    logits, layout = addressable_rows(logits)
     vocab = logits.shape[-1]
     n_rows = labels.numel()
     stats = torch.empty((n_rows, 4), dtype=torch.float32, device=logits.device)
@@ -355,12 +359,9 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
     [0, V) when another shard holds the label) and ``grad_logp`` is already zero where logp
     has no gradient; -g_lp·p_v then applies to every row, +g_lp only at a label in [0, V).
     """
-    layout = row_layout(logits)
-    if layout is None:
-        if inplace:
-            raise ValueError("inplace_backward needs logits whose rows two strides can address")
-        logits = logits.contiguous()
-        layout = row_layout(logits)
+    if inplace and row_layout(logits) is None:
+        raise ValueError("inplace_backward needs logits whose rows two strides can address")
+    logits, layout = addressable_rows(logits)
     vocab = logits.shape[-1]
     n_rows = labels.numel()
     if inplace:

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from hapo_ops.kernels.logprob_entropy import (KernelConfig, _accumulate_block, _log1p,
                                               _entropy_from_statistics, _row_pointer,
-                                              _row_scales, _row_statistics, _scaled, pick_config,
-                                              row_layout)
+                                              _row_scales, _row_statistics, _scaled,
+                                              addressable_rows, pick_config)
 
 
 @triton.jit
@@ -144,10 +144,7 @@ def adaptive_sample_forward(logits: torch.Tensor, stats: torch.Tensor | None,
     stats: None or (3,) float32 (pivot, log_max, log_min) on the logits' device; seed: (1,)
     int64 on that device (read in-kernel: no host sync); row_ids: (B,) int64 RNG row identities.
     """
-    layout = row_layout(logits)
-    if layout is None:
-        logits = logits.contiguous()
-        layout = row_layout(logits)
+    logits, layout = addressable_rows(logits)
     n_rows, vocab = logits.shape
     device = logits.device
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
