@@ -18,7 +18,10 @@ A rank at the maximum keeps its own rest_r instead of adding 1 + rest_r and subt
 so a near-deterministic row stays exact (no cancellation), as unsharded. Communication per
 call: 6 float32 values per token (24·N bytes), independent of V; the backward needs none:
 each shard's gradient is the unsharded formula with the global (M, log1p(rest), H), and the
-+g_lp term only on the shard that holds the label.
++g_lp term only on the shard that holds the label. ``linear_logprobs_and_entropy(tp_group=)``
+(an LM head split by vocabulary rows, hidden replicated) combines its shards' sums with the
+same functions (``shard_local_labels``, ``vocab_parallel_outputs``); its backward adds one
+all-reduce SUM of the hidden gradient (N·D values), each shard holding dz_r · W_r.
 
 Data parallel: ``entropy_stats(..., group=)`` (radix selection with all-reduced 256-bin
 histograms), ``grpo_advantages`` / ``token_level_group_advantages(..., group=)`` (per-row
@@ -144,8 +147,8 @@ def combine_vocab_shards(stats: torch.Tensor, has_label: torch.Tensor, unit: flo
         torch.where(tied, rest, weight * mass),
         torch.where(tied, spread, weight * (spread + gap * mass)),
         torch.where(has_label, label_term, 0.0),
-        tied.to(torch.float32),
-        has_label.to(torch.float32),
+        tied.to(stats.dtype),
+        has_label.to(stats.dtype),
     ], dim=-1)
     rest_sum, spread_sum, label_sum, n_tied, found = all_reduce_sum(parts, group).unbind(-1)
     total_rest = rest_sum + (n_tied - 1.0)
@@ -184,6 +187,52 @@ def _check_vocab_start(vocab_start: object, device: torch.device) -> torch.Tenso
     return vocab_start
 
 
+def check_tp_group(tp_group: object) -> ProcessGroup:
+    if not isinstance(tp_group, ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, "
+                        f"got {type(tp_group).__name__}")
+    return tp_group
+
+
+def shard_local_labels(flat_labels: torch.Tensor, vocab: int, ignore_index: int,
+                       group: ProcessGroup, vocab_start: int | torch.Tensor | None, *,
+                       no_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shard-local labels, has_label) for global ``flat_labels`` (N,) and a shard of ``vocab``
+    entries starting at ``vocab_start`` (derived with ``shard_vocab_start`` when None).
+    has_label: the label lies in this shard (never for ignore_index); the local label is
+    label - vocab_start there and -1 elsewhere (what the sharded backwards expect)."""
+    if no_labels:
+        start: int | torch.Tensor = 0       # every label is ignore_index: no shard holds one
+    elif vocab_start is None:
+        start = shard_vocab_start(vocab, group, flat_labels.device)
+    else:
+        start = _check_vocab_start(vocab_start, flat_labels.device)
+    local = flat_labels - start
+    has_label = (flat_labels != ignore_index) & (local >= 0) & (local < vocab)
+    return torch.where(has_label, local, -1), has_label
+
+
+def vocab_parallel_outputs(stats: torch.Tensor, has_label: torch.Tensor, unit: float,
+                           labels: torch.Tensor, ignore_index: int, group: ProcessGroup,
+                           check_found: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, H, state, logp_ok) of every vocabulary-parallel op from this shard's per-row
+    sums (``combine_vocab_shards``): logp 0 at ignore_index and NaN for a label held by no
+    shard (which raises instead with ``check_found``, on every rank: the check follows the
+    all-reduce); logp and H float32, state (M, log1p(rest)) in the dtype of ``stats``;
+    ``logp_ok`` (N,) bool: the rows whose logp has a gradient."""
+    logp, entropy, state, found = combine_vocab_shards(stats, has_label, unit, group)
+    ignored = labels == ignore_index
+    if check_found and bool((~ignored & (found == 0)).any()):
+        raise ValueError(f"labels must be global ids held by some vocabulary shard or "
+                         f"equal ignore_index={ignore_index}; found "
+                         f"{int((~ignored & (found == 0)).sum())} in no shard")
+    logp = torch.where(found > 0, logp, float("nan"))
+    logp = torch.where(ignored, 0.0, logp)
+    logp_ok = ~ignored & (found > 0)
+    return logp.to(torch.float32), entropy.to(torch.float32), state, logp_ok
+
+
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     """Forward: shard sums → all-reduces → (logp, H). Backward: local, no communication."""
 
@@ -192,15 +241,8 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
                 ignore_index, impl, inplace, group, check_found):
         stats, unit = row_statistics(logits, local_labels, temperature, scalar_temperature,
                                      impl)
-        logp, entropy, state, found = combine_vocab_shards(stats, has_label, unit, group)
-        ignored = labels == ignore_index
-        if check_found and bool((~ignored & (found == 0)).any()):
-            raise ValueError(f"labels must be global ids held by some vocabulary shard or "
-                             f"equal ignore_index={ignore_index}; found "
-                             f"{int((~ignored & (found == 0)).sum())} in no shard")
-        logp = torch.where(found > 0, logp, float("nan"))
-        logp = torch.where(ignored, 0.0, logp)
-        logp_ok = ~ignored & (found > 0)
+        logp, entropy, state, logp_ok = vocab_parallel_outputs(
+            stats, has_label, unit, labels, ignore_index, group, check_found)
         ctx.save_for_backward(logits, local_labels, logp_ok, temperature, state, entropy)
         ctx.scalar_temperature, ctx.ignore_index = scalar_temperature, ignore_index
         ctx.impl, ctx.inplace = impl, inplace
@@ -239,22 +281,12 @@ def vocab_parallel_logprobs_and_entropy(
     CPU and with ``validate=True`` (after the all-reduce, so every rank raises); otherwise
     their logp is NaN.
     """
-    if not isinstance(tp_group, ProcessGroup):
-        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, "
-                        f"got {type(tp_group).__name__}")
+    check_tp_group(tp_group)
     no_labels = labels is None
     logits, flat_labels, t_tensor, t_scalar, impl = _prepare(
         logits, labels, temperature, ignore_index, impl, validate, check_label_range=False)
-    vocab = logits.shape[-1]
-    if no_labels:
-        start: int | torch.Tensor = 0       # every label is ignore_index: no shard holds one
-    elif vocab_start is None:
-        start = shard_vocab_start(vocab, tp_group, logits.device)
-    else:
-        start = _check_vocab_start(vocab_start, logits.device)
-    local = flat_labels - start
-    has_label = (flat_labels != ignore_index) & (local >= 0) & (local < vocab)
-    local = torch.where(has_label, local, -1)
+    local, has_label = shard_local_labels(flat_labels, logits.shape[-1], ignore_index,
+                                          tp_group, vocab_start, no_labels=no_labels)
     check_found = checks_values(logits, validate) and not no_labels
     return _VocabParallelLogprobsEntropy.apply(
         logits, flat_labels, local, has_label, t_tensor, t_scalar, ignore_index, impl,
@@ -262,5 +294,6 @@ def vocab_parallel_logprobs_and_entropy(
 
 
 __all__ = ["all_gather_rows", "all_reduce_max", "all_reduce_min", "all_reduce_sum",
-           "combine_vocab_shards", "global_sequence_count", "global_token_count",
-           "shard_vocab_start", "vocab_parallel_logprobs_and_entropy"]
+           "check_tp_group", "combine_vocab_shards", "global_sequence_count",
+           "global_token_count", "shard_local_labels", "shard_vocab_start",
+           "vocab_parallel_logprobs_and_entropy", "vocab_parallel_outputs"]

@@ -21,6 +21,14 @@ Implementations:
     hidden-gradient accumulator; never anything N×V.
   * ``impl="triton"``: ``hapo_ops.kernels.linear_logprob_entropy`` (logits tiles on chip,
     fp32 accumulators, tensor cores for bf16/fp16; fp32 inputs use ``fp32_precision``).
+
+Vocabulary (tensor) parallel (``tp_group=``): ``weight``/``bias`` are one rank's rows of the
+LM head and ``hidden`` is replicated. Either path reduces its shard to the raw per-row sums
+[m, rest, spread, s_y] (``torch_row_stats``, or the Triton forward with ``raw_stats``), which
+``hapo_ops.distributed.vocab_parallel_outputs`` combines exactly (all-reduce MAX of N, SUM of
+5·N values). The backward recomputes the shard's dz from the global state with the sharded
+rule (-g_lp·p on every row, +g_lp only where this shard holds the label), keeps the weight
+and bias gradients local and all-reduces (SUM) the hidden gradient Σ_r dz_r · W_r.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from hapo_ops._validation import check_choice, check_tensor
-from hapo_ops.token_stats import (_check_triton_device, check_token_labels, checks_values,
+from hapo_ops.token_stats import (ROW_LABEL, ROW_MAX, ROW_REST, ROW_SPREAD,
+                                  _check_triton_device, check_token_labels, checks_values,
                                   inv_temperature, prepare_temperature, resolve_impl)
 
 # Torch path chunk sizes (module constants so that tests can shrink them). A 1024 × 8192
@@ -59,16 +68,15 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return z.mul_(inv_t[:, None])
 
 
-def torch_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  labels: torch.Tensor, inv_temperature: torch.Tensor, ignore_index: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, H, state) for hidden (N, D), weight (V, D); state (N, 2) = (max s, log1p(rest))
-    in the compute dtype, logp and H float32."""
+def torch_row_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    labels: torch.Tensor, inv_temperature: torch.Tensor) -> torch.Tensor:
+    """(N, 4) per-row sums [m, rest, spread, s_y] (columns ``token_stats.ROW_*``, natural
+    units, compute dtype) of s = (hidden · weightᵀ + bias)/T: m = max s, rest the mass off
+    one argmax, spread = Σ e^(s-m)(m-s), s_y the label's s (0 where the label is outside
+    [0, V)). What a vocabulary shard contributes (``hapo_ops.distributed``)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
-    logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty_like(logp)
-    state = torch.empty((n_rows, 2), dtype=cdt, device=hidden.device)
+    stats = torch.empty((n_rows, 4), dtype=cdt, device=hidden.device)
     bias_c = None if bias is None else bias.to(cdt)
     for r0 in range(0, n_rows, TOKEN_CHUNK):
         r1 = min(r0 + TOKEN_CHUNK, n_rows)
@@ -110,11 +118,26 @@ def torch_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             rest = big_rest + factor * (1.0 + small_rest)
             spread = big_spread + factor * (small_spread + delta * (1.0 + small_rest))
             row_max = big_max
-        log_norm = torch.log1p(rest)
-        entropy[r0:r1] = log_norm + spread / (1.0 + rest)
-        logp[r0:r1] = (label_s - row_max) - log_norm
-        state[r0:r1, 0] = row_max
-        state[r0:r1, 1] = log_norm
+        stats[r0:r1, ROW_MAX] = row_max
+        stats[r0:r1, ROW_REST] = rest
+        stats[r0:r1, ROW_SPREAD] = spread
+        stats[r0:r1, ROW_LABEL] = label_s
+    return stats
+
+
+def torch_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  labels: torch.Tensor, inv_temperature: torch.Tensor, ignore_index: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, H, state) for hidden (N, D), weight (V, D); state (N, 2) = (max s, log1p(rest))
+    in the compute dtype, logp and H float32."""
+    vocab = weight.shape[0]
+    stats = torch_row_stats(hidden, weight, bias, labels, inv_temperature)
+    row_max, rest, spread, label_s = (stats[:, i] for i in (ROW_MAX, ROW_REST, ROW_SPREAD,
+                                                            ROW_LABEL))
+    log_norm = torch.log1p(rest)
+    entropy = (log_norm + spread / (1.0 + rest)).to(torch.float32)
+    logp = ((label_s - row_max) - log_norm).to(torch.float32)
+    state = torch.stack((row_max, log_norm), dim=1)
     in_range = (labels >= 0) & (labels < vocab)
     logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
     logp = torch.where(labels == ignore_index, torch.zeros_like(logp), logp)
@@ -125,11 +148,17 @@ def torch_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                    labels: torch.Tensor, inv_temperature: torch.Tensor, state: torch.Tensor,
                    entropy: torch.Tensor, grad_logp: torch.Tensor | None,
                    grad_entropy: torch.Tensor | None, ignore_index: int, *,
-                   want_hidden: bool, want_weight: bool, want_bias: bool
+                   want_hidden: bool, want_weight: bool, want_bias: bool,
+                   sharded: bool = False, cast_hidden: bool = True
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients in the input dtypes, vocabulary chunks outside, token chunks inside: each
     C_V×D weight-gradient chunk is finished (and cast) before the next, the hidden gradient
-    accumulates in an (N, D) buffer of the compute dtype."""
+    accumulates in an (N, D) buffer of the compute dtype (returned as such with
+    ``cast_hidden=False``).
+
+    ``sharded``: ``weight`` is one vocabulary shard, ``labels`` shard-local (-1 where another
+    shard holds the label), ``grad_logp`` already zero where logp has no gradient and
+    ``state`` the global one: -g_lp·p applies on every row, +g_lp only at a label in [0, V)."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
@@ -140,7 +169,9 @@ def torch_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     grad_bias = torch.empty_like(bias) if want_bias else None
     bias_c = None if bias is None else bias.to(cdt)
     label_ok = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
-    g_lp = None if grad_logp is None else torch.where(label_ok, grad_logp.to(cdt), 0.0)
+    g_lp = None
+    if grad_logp is not None:
+        g_lp = grad_logp.to(cdt) if sharded else torch.where(label_ok, grad_logp.to(cdt), 0.0)
     g_h = None if grad_entropy is None else grad_entropy.to(cdt)
     entropy_c = entropy.to(cdt)
     for v0 in range(0, vocab, VOCAB_CHUNK):
@@ -180,7 +211,7 @@ def torch_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             grad_weight[v0:v1] = gw
         if gb is not None:
             grad_bias[v0:v1] = gb
-    if grad_hidden is not None:
+    if grad_hidden is not None and cast_hidden:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
 
@@ -190,35 +221,47 @@ def torch_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # ---------------------------------------------------------------------------------------
 
 class _LinearLogprobEntropy(torch.autograd.Function):
+    """Unsharded, or (``group`` set) one vocabulary shard of the LM head: ``labels`` are then
+    shard-local (-1 where another shard holds the label), the forward combines every shard's
+    per-row sums (``hapo_ops.distributed``) and the backward all-reduces the hidden gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, scalar_temperature,
-                ignore_index, impl, fp32_precision):
-        if impl == "triton":
-            from hapo_ops.kernels.linear_logprob_entropy import linear_forward
-            logp, entropy, state = linear_forward(hidden, weight, bias, labels, temperature,
-                                                  scalar_temperature, ignore_index,
-                                                  fp32_precision)
+                ignore_index, impl, fp32_precision, group=None, global_labels=None,
+                has_label=None, check_found=False):
+        if group is None:
+            logp, entropy, state = _forward_impl(hidden, weight, bias, labels, temperature,
+                                                 scalar_temperature, ignore_index, impl,
+                                                 fp32_precision, raw_stats=False)
+            logp_ok = None
         else:
-            inv_t = inv_temperature(temperature, scalar_temperature, labels.numel(),
-                                     hidden.device)
-            logp, entropy, state = torch_forward(hidden, weight, bias, labels, inv_t,
-                                                 ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, labels, temperature, state, entropy)
+            from hapo_ops.distributed import vocab_parallel_outputs
+            stats, unit = _forward_impl(hidden, weight, bias, labels, temperature,
+                                        scalar_temperature, ignore_index, impl, fp32_precision,
+                                        raw_stats=True)
+            logp, entropy, state, logp_ok = vocab_parallel_outputs(
+                stats, has_label, unit, global_labels, ignore_index, group, check_found)
+        ctx.save_for_backward(hidden, weight, bias, labels, temperature, state, entropy,
+                              logp_ok)
         ctx.scalar_temperature, ctx.ignore_index = scalar_temperature, ignore_index
-        ctx.impl, ctx.fp32_precision = impl, fp32_precision
+        ctx.impl, ctx.fp32_precision, ctx.group = impl, fp32_precision, group
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, temperature, state, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, temperature, state, entropy, logp_ok = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        none = (None,) * 9
+        none = (None,) * 13
         if grad_logp is None and grad_entropy is None:
             return none
         if not (want_hidden or want_weight or want_bias):
             return none
+        group = ctx.group
+        sharded = group is not None
         grad_logp = None if grad_logp is None else grad_logp.reshape(-1).float().contiguous()
+        if grad_logp is not None and sharded:
+            grad_logp = torch.where(logp_ok, grad_logp, 0.0)
         grad_entropy = (None if grad_entropy is None
                         else grad_entropy.reshape(-1).float().contiguous())
         if ctx.impl == "triton":
@@ -229,8 +272,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
                                   ctx.scalar_temperature, state, entropy, grad_logp,
                                   grad_entropy, ctx.ignore_index, ctx.fp32_precision,
                                   want_hidden=want_hidden, want_weight=want_weight,
-                                  want_bias=want_bias)
-            gh = None if gh is None else gh.to(hidden.dtype)
+                                  want_bias=want_bias, sharded=sharded)
             gw = None if gw is None else gw.to(weight.dtype)
             gb = None if gb is None else gb.to(bias.dtype)
         else:
@@ -239,8 +281,30 @@ class _LinearLogprobEntropy(torch.autograd.Function):
             gh, gw, gb = torch_backward(hidden, weight, bias, labels, inv_t, state, entropy,
                                         grad_logp, grad_entropy, ctx.ignore_index,
                                         want_hidden=want_hidden, want_weight=want_weight,
-                                        want_bias=want_bias)
-        return (gh, gw, gb) + (None,) * 6
+                                        want_bias=want_bias, sharded=sharded,
+                                        cast_hidden=False)
+        if gh is not None:
+            if sharded:
+                # Each shard holds dz_r · W_r; the input gradient is their sum (as for
+                # Megatron's column-parallel LM head), summed in fp32 (fp64 for fp64 inputs).
+                from hapo_ops.distributed import all_reduce_sum
+                gh = all_reduce_sum(gh.to(_compute_dtype(hidden.dtype)), group)
+            gh = gh.to(hidden.dtype)
+        return (gh, gw, gb) + (None,) * 10
+
+
+def _forward_impl(hidden, weight, bias, labels, temperature, scalar_temperature, ignore_index,
+                  impl, fp32_precision, *, raw_stats):
+    """(logp, H, state), or with ``raw_stats`` (per-row sums (N, 4), their unit in nats)."""
+    if impl == "triton":
+        from hapo_ops.kernels.linear_logprob_entropy import LN2, linear_forward
+        out = linear_forward(hidden, weight, bias, labels, temperature, scalar_temperature,
+                             ignore_index, fp32_precision, raw_stats=raw_stats)
+        return (out, LN2) if raw_stats else out
+    inv_t = inv_temperature(temperature, scalar_temperature, labels.numel(), hidden.device)
+    if raw_stats:
+        return torch_row_stats(hidden, weight, bias, labels, inv_t), 1.0
+    return torch_forward(hidden, weight, bias, labels, inv_t, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +321,8 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                 labels: torch.Tensor, *, bias: torch.Tensor | None = None,
                                 temperature: float | torch.Tensor = 1.0,
                                 ignore_index: int = -100, impl: str = "auto",
-                                fp32_precision: str = "tf32x3", validate: bool = False
+                                fp32_precision: str = "tf32x3", validate: bool = False,
+                                tp_group=None, vocab_start: int | torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``labels`` and entropy (nats) of softmax((hidden · weightᵀ + bias) / T),
     without materializing the N×V logits.
@@ -266,8 +331,9 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
       hidden: (..., D) float16, bfloat16, float32 (or float64 on the torch path).
       weight: (V, D) LM head as ``nn.Linear`` stores it, same dtype as ``hidden``.
       labels: (...) = hidden.shape[:-1], integer ids; ``ignore_index`` positions give logp 0
-        and no logp gradient (their entropy is still computed). Labels outside [0, V) raise
-        on CPU and with ``validate=True``; otherwise their logp is NaN.
+        and no logp gradient (their entropy is still computed). Labels outside [0, V) (with
+        ``tp_group``: held by no shard) raise on CPU and with ``validate=True``; otherwise
+        their logp is NaN.
       bias: optional (V,) floating tensor.
       temperature: a float > 0 or a tensor broadcastable to the token shape (no gradient).
       impl: "auto" (Triton on CUDA, else torch), "torch", or "triton" (CUDA, or CPU under
@@ -276,6 +342,20 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         "tf32x3" (default: near-fp32 accuracy on tensor cores, fp32 heads are kept for
         precision), "ieee" (exact fp32, no tensor cores) or "tf32" (fastest, ~1e-3 relative).
         2-byte dtypes always multiply exactly into fp32 accumulators.
+      validate: check label and temperature values (a host read) off CPU too.
+      tp_group: a ``torch.distributed`` process group over which the LM head is split by
+        vocabulary rows (tensor parallel, Megatron's column-parallel LM head): ``weight``
+        (V_r, D) and ``bias`` (V_r,) are then this rank's contiguous slice of the vocabulary,
+        in rank order (slices may differ in size), ``hidden`` is the same on every rank and
+        ``labels`` are global ids. (logp, H) equal the unsharded op's on every rank; each call
+        all-reduces 6 float32 values per token (as ``logprobs_and_entropy(tp_group=)``,
+        ``hapo_ops.distributed``), never the logits. Backward: the weight and bias gradients
+        are this shard's slice of the unsharded ones; the hidden gradient is all-reduced (SUM
+        over ``tp_group``, N·D values, in fp32) so that every rank gets the full gradient
+        Σ_r dz_r · W_r. The upstream gradients must be the same on every rank (a replicated
+        loss), and ``hidden`` must require grad on all ranks or on none.
+      vocab_start: the global id of this shard's first row (int or 0-d integer tensor);
+        default: derived from an all-gather of the shard sizes (one tiny collective per call).
     Returns:
       (logprobs, entropy) float32 of shape hidden.shape[:-1], differentiable with respect to
       hidden, weight and bias (gradients in their dtypes).
@@ -304,9 +384,14 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     fp32_precision = check_choice("fp32_precision", fp32_precision, FP32_PRECISIONS)
+    if tp_group is not None:
+        from hapo_ops.distributed import check_tp_group
+        check_tp_group(tp_group)
+    elif vocab_start is not None:
+        raise ValueError("vocab_start is only meaningful with tp_group; got tp_group=None")
     check_values = checks_values(hidden, validate)
     labels = check_token_labels(labels, token_shape, vocab, ignore_index, hidden.device,
-                                source="hidden", check_range=check_values)
+                                source="hidden", check_range=check_values and tp_group is None)
     t_tensor, t_scalar = prepare_temperature(temperature, token_shape, hidden.device,
                                              source="hidden", check_values=check_values)
     impl = resolve_impl(impl, hidden)
@@ -322,8 +407,18 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     flat_labels = labels.reshape(-1).contiguous()
-    logp, entropy = _LinearLogprobEntropy.apply(flat_hidden, weight, bias, flat_labels, t_tensor,
-                                                t_scalar, ignore_index, impl, fp32_precision)
+    if tp_group is None:
+        logp, entropy = _LinearLogprobEntropy.apply(flat_hidden, weight, bias, flat_labels,
+                                                    t_tensor, t_scalar, ignore_index, impl,
+                                                    fp32_precision)
+    else:
+        from hapo_ops.distributed import shard_local_labels
+        local, has_label = shard_local_labels(flat_labels, vocab, ignore_index, tp_group,
+                                              vocab_start)
+        logp, entropy = _LinearLogprobEntropy.apply(flat_hidden, weight, bias, local, t_tensor,
+                                                    t_scalar, ignore_index, impl,
+                                                    fp32_precision, tp_group, flat_labels,
+                                                    has_label, check_values)
     return logp.view(token_shape), entropy.view(token_shape)
 
 

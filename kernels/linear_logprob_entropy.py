@@ -29,6 +29,11 @@ The caller casts the accumulators to the input dtypes. dz is rounded to the inpu
 before the two products (as the unfused path's bf16 logits gradient is), so 2-byte inputs
 use tensor cores there too.
 
+Vocabulary shards (``hapo_ops.distributed``): ``linear_forward(raw_stats=True)`` returns the
+merged per-row sums before normalisation, to be combined across ranks; ``sharded=True`` in
+the backwards (the ``SHARDED`` constexpr) keeps -g_lp·p_v on rows whose label another shard
+holds (shard-local label -1) and the one-hot term only at a label inside the shard.
+
 Precision of ``tl.dot``: bf16/fp16 operands multiply exactly into fp32 accumulators. fp32
 operands take ``input_precision`` from the caller (default "tf32x3" in ``hapo_ops.linear``:
 close to fp32 accuracy on tensor cores; "ieee" is exact fp32 without tensor cores; "tf32"
@@ -166,16 +171,25 @@ def _grad_tile(s, row_max, log2_norm, entropy, g_logp, g_entropy, labels, cols, 
 @triton.jit
 def _row_grads(state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, labels_ptr, rows,
                row_ok, vocab, ignore_index, HAS_GRAD_LOGP: tl.constexpr,
-               HAS_GRAD_ENTROPY: tl.constexpr):
-    """Per-row backward inputs: (max, log2(1+rest), H, g_logp, g_H, label)."""
+               HAS_GRAD_ENTROPY: tl.constexpr, SHARDED: tl.constexpr):
+    """Per-row backward inputs: (max, log2(1+rest), H, g_logp, g_H, label).
+
+    SHARDED: the weight is one vocabulary shard, labels are shard-local (-1 where another
+    shard holds the label) and the caller already zeroed g_logp where logp has no gradient;
+    g_logp is then kept on every row (-g_lp·p applies to all of them) and the one-hot term
+    of ``_grad_tile`` matches only a label inside this shard."""
     row_max = tl.load(state_ptr + 2 * rows, mask=row_ok, other=0.0)
     log2_norm = tl.load(state_ptr + 2 * rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634
     entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     g_logp = tl.zeros(row_max.shape, tl.float32)
     if HAS_GRAD_LOGP:
-        label_ok = row_ok & (labels != ignore_index) & (labels >= 0) & (labels < vocab)
-        g_logp = tl.where(label_ok, tl.load(grad_logp_ptr + rows, mask=label_ok, other=0.0), 0.0)
+        if SHARDED:
+            g_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            label_ok = row_ok & (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+            g_logp = tl.where(label_ok, tl.load(grad_logp_ptr + rows, mask=label_ok, other=0.0),
+                              0.0)
     g_entropy = tl.zeros(row_max.shape, tl.float32)
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
@@ -229,14 +243,15 @@ def _linear_fwd_kernel(
 def _row_backward_terms(temperature_ptr, state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
                         labels_ptr, rows, row_ok, vocab, ignore_index, scalar_inv_temperature,
                         HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-                        HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SHARDED: tl.constexpr):
     """Everything the backward needs per row of a token tile:
     (1/T, log2(e)/T, row max, log2 norm, H, g_logp, g_H, labels)."""
     inv_t, scale = _row_scale_vec(temperature_ptr, rows, row_ok, scalar_inv_temperature,
                                   HAS_TEMPERATURE_TENSOR, BLOCK_N)
     row_max, log2_norm, entropy, g_logp, g_entropy, labels = _row_grads(
         state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, labels_ptr, rows, row_ok,
-        vocab, ignore_index, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
+        vocab, ignore_index, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, SHARDED)
     return inv_t, scale, row_max, log2_norm, entropy, g_logp, g_entropy, labels
 
 
@@ -264,7 +279,7 @@ def _linear_bwd_hidden_kernel(
     HAS_BIAS: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SHARDED: tl.constexpr = False,
 ):
     """grad_hidden (fp32, (N, D), zero-initialised, contiguous) += dz · W over all of V."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -273,7 +288,7 @@ def _linear_bwd_hidden_kernel(
     inv_t, scale, row_max, log2_norm, entropy, g_logp, g_entropy, labels = _row_backward_terms(
         temperature_ptr, state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, labels_ptr,
         rows, row_ok, vocab, ignore_index, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR,
-        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N)
+        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N, SHARDED)
     lanes_v = tl.arange(0, BLOCK_V).to(tl.int64)
     lanes_d = tl.arange(0, BLOCK_D)
     for v0 in range(0, vocab, BLOCK_V):
@@ -310,6 +325,7 @@ def _linear_bwd_weight_kernel(
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WANT_WEIGHT: tl.constexpr,
     WANT_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SHARDED: tl.constexpr = False,
 ):
     """grad_weight (fp32, (V, D), zeros, contiguous) += dzᵀ · h over all tokens; grad_bias
     (fp32, (V,)) = Σ_tokens dz."""
@@ -326,7 +342,7 @@ def _linear_bwd_weight_kernel(
             _row_backward_terms(
                 temperature_ptr, state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
                 labels_ptr, rows, row_ok, vocab, ignore_index, scalar_inv_temperature,
-                HAS_TEMPERATURE_TENSOR, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N))
+                HAS_TEMPERATURE_TENSOR, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N, SHARDED))
         dz = _recomputed_grad_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok,
                                    dim, stride_h, stride_w, inv_t, scale, row_max, log2_norm,
                                    entropy, g_logp, g_entropy, labels, HAS_BIAS, HAS_GRAD_LOGP,
@@ -362,7 +378,7 @@ def _linear_dlogits_kernel(
     HAS_BIAS: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SHARDED: tl.constexpr = False,
 ):
     """dz for rows [row_start, row_stop) into a (row_stop - row_start, V) buffer of the input
     dtype: a GEMM-shaped grid (token tiles × vocabulary tiles) with the gradient as epilogue."""
@@ -376,7 +392,7 @@ def _linear_dlogits_kernel(
     inv_t, scale, row_max, log2_norm, entropy, g_logp, g_entropy, labels = _row_backward_terms(
         temperature_ptr, state_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, labels_ptr,
         rows, row_ok, vocab, ignore_index, scalar_inv_temperature, HAS_TEMPERATURE_TENSOR,
-        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N)
+        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, BLOCK_N, SHARDED)
     dz = _recomputed_grad_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, dim,
                                stride_h, stride_w, inv_t, scale, row_max, log2_norm, entropy,
                                g_logp, g_entropy, labels, HAS_BIAS, HAS_GRAD_LOGP,
@@ -427,10 +443,14 @@ def merge_splits(row_max: torch.Tensor, rest: torch.Tensor, spread: torch.Tensor
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    labels: torch.Tensor, temperature: torch.Tensor | None,
                    scalar_temperature: float, ignore_index: int, fp32_precision: str = "tf32x3",
-                   *, config: LinearConfig | None = None, splits: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   *, config: LinearConfig | None = None, splits: int | None = None,
+                   raw_stats: bool = False):
     """(logp, H, state) from hidden (N, D), weight (V, D) (last dims contiguous), labels (N,)
-    and temperature None or (N,) float32; state (N, 2) = (max of s in log2 units, log1p(rest))."""
+    and temperature None or (N,) float32; state (N, 2) = (max of s in log2 units, log1p(rest)).
+
+    ``raw_stats`` (one vocabulary shard, ``hapo_ops.distributed``): return instead the (N, 4)
+    float32 per-row sums [m, rest, spread, s_y] in log2 units before normalisation (the
+    columns of ``token_stats.row_statistics``; s_y is 0 where the label is outside [0, V))."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     config = config or pick_linear_config(hidden.dtype, "forward")
@@ -451,6 +471,8 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     )
     row_max, rest, spread = merge_splits(parts[0], parts[1], parts[2])
     label_s = parts[3].sum(0)  # one split holds s at the label, the others 0 (exact)
+    if raw_stats:
+        return torch.stack((row_max, rest, spread, label_s), dim=1)
     log_norm = torch.log1p(rest)
     entropy = log_norm + LN2 * spread / (1.0 + rest)
     logp = (label_s - row_max) * LN2 - log_norm
@@ -467,10 +489,15 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
                     ignore_index: int, fp32_precision: str = "tf32x3", *,
                     want_hidden: bool = True, want_weight: bool = True, want_bias: bool = True,
-                    config: LinearConfig | None = None
+                    config: LinearConfig | None = None, sharded: bool = False
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad_hidden, grad_weight, grad_bias) as fp32 accumulators (None where not wanted);
-    grad_logp / grad_entropy None or (N,) float32 contiguous."""
+    grad_logp / grad_entropy None or (N,) float32 contiguous.
+
+    ``sharded``: ``weight`` is one vocabulary shard, ``labels`` shard-local (-1 where another
+    shard holds the label), ``grad_logp`` already zero where logp has no gradient, ``state``
+    the global (max, log1p(rest)); -g_lp·p_v applies on every row, +g_lp only at a label in
+    [0, V). grad_hidden is then this shard's part dz_r · W_r (the caller sums the shards)."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     config = config or pick_linear_config(hidden.dtype, "backward")
@@ -480,8 +507,8 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     common = dict(HAS_BIAS=bias is not None, HAS_TEMPERATURE_TENSOR=has_temp,
                   HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
                   BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-                  UPCAST=upcast, PRECISION=precision, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  UPCAST=upcast, PRECISION=precision, SHARDED=sharded,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
     args = (hidden, weight, bias if bias is not None else entropy, labels, temp, state, entropy,
             grad_logp if grad_logp is not None else entropy,
             grad_entropy if grad_entropy is not None else entropy)
@@ -520,7 +547,7 @@ def linear_backward_chunked(hidden, weight, bias, labels, temperature, scalar_te
                             state, entropy, grad_logp, grad_entropy, ignore_index,
                             fp32_precision="tf32x3", *, want_hidden=True, want_weight=True,
                             want_bias=True, config: LinearConfig | None = None,
-                            chunk_rows: int | None = None):
+                            chunk_rows: int | None = None, sharded: bool = False):
     """Same contract as :func:`linear_backward`, except that grad_hidden comes in the input
     dtype (each row is one GEMM over all of V: nothing to accumulate across chunks), and so
     does grad_weight when one chunk covers every token."""
@@ -553,7 +580,7 @@ def linear_backward_chunked(hidden, weight, bias, labels, temperature, scalar_te
             HAS_BIAS=bias is not None, HAS_TEMPERATURE_TENSOR=has_temp,
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-            UPCAST=upcast, PRECISION=precision, num_warps=config.num_warps,
+            UPCAST=upcast, PRECISION=precision, SHARDED=sharded, num_warps=config.num_warps,
             num_stages=config.num_stages)
         chunk = dz[: r1 - r0]
         if grad_hidden is not None:

@@ -293,8 +293,137 @@ def test_distributed_argument_errors():
         hapo_ops.logprobs_and_entropy(logits, labels, vocab_start=3)
     with pytest.raises(TypeError, match="tp_group"):
         hapo_ops.logprobs_and_entropy(logits, labels, tp_group="world")
+    hidden, weight = torch.randn(4, 3), torch.randn(7, 3)
+    with pytest.raises(ValueError, match="vocab_start"):
+        hapo_ops.linear_logprobs_and_entropy(hidden, weight, labels, vocab_start=3)
+    with pytest.raises(TypeError, match="tp_group"):
+        hapo_ops.linear_logprobs_and_entropy(hidden, weight, labels, tp_group="world")
     with pytest.raises(ValueError, match="group"):
         hapo_ops.entropy_stats(torch.rand(4), torch.ones(4), group=object(),
                                reduce_counts=lambda t: t)
     with pytest.raises(ValueError, match="mask"):
         hapo_ops.global_token_count([])
+
+
+# ------------------------------------------------------------------------------ TP linear head
+
+def _linear_tp_inputs(sizes: list[int]):
+    """(hidden (3, 5, D), weight (V, D), bias (V,), global labels, per-token temperature,
+    upstream weights) float32, with near-deterministic rows whose max lies in the first and
+    in the last shard, a max tied across the first and last shard, and ignored labels."""
+    vocab, dim = sum(sizes), 24
+    g = torch.Generator().manual_seed(100 + vocab)
+    weight = torch.randn(vocab, dim, generator=g) / dim ** 0.5
+    bias = torch.randn(vocab, generator=g) * 0.5
+    weight[vocab - 1], bias[vocab - 1] = weight[1], bias[1]   # the same logit in two shards
+    hidden = torch.randn(3, 5, dim, generator=g)
+    flat = hidden.view(-1, dim)
+    flat[0] = weight[3] * 60.0             # near-deterministic, max in shard 0
+    flat[1] = weight[vocab - 2] * 60.0     # near-deterministic, max in the last shard
+    flat[2] = weight[1] * 12.0             # max tied between the first and the last shard
+    labels = torch.randint(0, vocab, (3, 5), generator=g)
+    labels.view(-1)[0] = 3                 # the argmax of a near-deterministic row
+    labels.view(-1)[1] = 0                 # a tiny probability on another shard than the max
+    labels.view(-1)[[5, 11]] = -100        # ignored
+    temperature = 0.5 + torch.rand(3, 5, generator=g)
+    temperature.view(-1)[:2] = 1.0
+    w_logp, w_entropy = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    return hidden, weight, bias, labels, temperature, w_logp, w_entropy
+
+
+def _linear_tp_variants():
+    """(name, impl, Triton backward strategy) run by every rank."""
+    out = [("torch", "torch", None)]
+    if "triton" in IMPLS:
+        out += [("triton-chunked", "triton", "chunked"), ("triton-fused", "triton", "fused")]
+    return out
+
+
+def _linear_tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
+    from hapo_ops import linear
+    linear.TOKEN_CHUNK, linear.VOCAB_CHUNK = 4, 6      # several chunks in every shard
+    group = dist.group.WORLD
+    hidden, weight, bias, labels, temperature, w_logp, w_entropy = _linear_tp_inputs(sizes)
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    vocab_start = start if pass_start else None
+    out = {}
+    for name, impl, backward in _linear_tp_variants():
+        if backward is not None:
+            from hapo_ops.kernels import linear_logprob_entropy as kernels
+            kernels.BACKWARD, kernels.DZ_CHUNK_BYTES = backward, 1   # one token tile a chunk
+        h = hidden.clone().requires_grad_(True)
+        w = weight[rows].clone().requires_grad_(True)
+        b = bias[rows].clone().requires_grad_(True)
+        logp, entropy = hapo_ops.linear_logprobs_and_entropy(
+            h, w, labels, bias=b, temperature=temperature, impl=impl, tp_group=group,
+            vocab_start=vocab_start)
+        (w_logp * logp + w_entropy * entropy).sum().backward()
+        out[name] = (logp.detach(), entropy.detach(), h.grad, w.grad, b.grad)
+        # The entropy gradient alone, a scalar temperature, no bias, hidden without gradient
+        # (no collective in backward).
+        w2 = weight[rows].clone().requires_grad_(True)
+        _, entropy2 = hapo_ops.linear_logprobs_and_entropy(
+            hidden, w2, labels, temperature=0.7, impl=impl, tp_group=group,
+            vocab_start=vocab_start)
+        (w_entropy * entropy2).sum().backward()
+        out[name + "-entropy-only"] = (entropy2.detach(), w2.grad)
+    # Labels held by no shard raise on every rank (after the all-reduce: no rank hangs).
+    bad = labels.clone()
+    bad[0, 0] = sum(sizes)
+    try:
+        hapo_ops.linear_logprobs_and_entropy(hidden, weight[rows], bad, tp_group=group,
+                                             impl="torch")
+        out["raised"] = False
+    except ValueError:
+        out["raised"] = True
+    return out
+
+
+@pytest.mark.parametrize("sizes,pass_start", [([20, 10, 7], False), ([25, 12], True)],
+                         ids=["world3-derived-start", "world2-given-start"])
+def test_vocab_parallel_linear_matches_unsharded(sizes, pass_start):
+    results = run_ranks(_linear_tp_worker, len(sizes), sizes, pass_start)
+    hidden, weight, bias, labels, temperature, w_logp, w_entropy = _linear_tp_inputs(sizes)
+    z = hidden.double() @ weight.double().T + bias.double()
+    ref_logp64, _ = _float64_reference(z, labels, temperature)
+    # H in float64 without the cancellation that -Σ p log p still has at H ≈ 1e-30 (there
+    # log p at the argmax rounds to 0 and drops rest, about 1/gap of H).
+    s = z / temperature.double()[..., None]
+    top, argmax = s.max(-1, keepdim=True)
+    gap = top - s
+    weights = torch.exp(-gap)
+    rest = weights.scatter(-1, argmax, 0.0).sum(-1)           # the mass off one argmax
+    ref_entropy64 = torch.log1p(rest) + (weights * gap).sum(-1) / (1.0 + rest)
+    assert ref_entropy64.view(-1)[:2].max() < 1e-10          # the near-deterministic rows
+    for name, impl, _ in _linear_tp_variants():
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        logp, entropy = hapo_ops.linear_logprobs_and_entropy(
+            h, w, labels, bias=b, temperature=temperature, impl=impl)
+        (w_logp * logp + w_entropy * entropy).sum().backward()
+        w2 = weight.clone().requires_grad_(True)
+        entropy2 = hapo_ops.linear_logprobs_and_entropy(hidden, w2, labels, temperature=0.7,
+                                                        impl=impl)[1]
+        (w_entropy * entropy2).sum().backward()
+        for rank, res in enumerate(results):
+            tp_logp, tp_entropy, tp_grad_hidden = res[name][:3]
+            torch.testing.assert_close(tp_logp, logp.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(tp_entropy, entropy.detach(), rtol=1e-5, atol=1e-6)
+            rel = ((tp_entropy.double() - ref_entropy64).abs() / ref_entropy64).max()
+            assert rel < 1e-5, (name, rank, rel)
+            torch.testing.assert_close(tp_logp.double(), ref_logp64, rtol=1e-5, atol=1e-5)
+            # The full hidden gradient on every rank (all-reduced over the shards).
+            torch.testing.assert_close(tp_grad_hidden, h.grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(res[name + "-entropy-only"][0], entropy2.detach(),
+                                       rtol=1e-5, atol=1e-6)
+        # Weight and bias gradients: each rank holds its slice of the unsharded gradient.
+        torch.testing.assert_close(torch.cat([res[name][3] for res in results]), w.grad,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([res[name][4] for res in results]), b.grad,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([res[name + "-entropy-only"][1]
+                                              for res in results]), w2.grad,
+                                   rtol=1e-5, atol=1e-5)
+    assert all(res["raised"] for res in results)
