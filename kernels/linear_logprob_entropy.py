@@ -45,6 +45,7 @@ products wrong, so under ``TRITON_INTERPRET=1`` operands are upcast to fp32 firs
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -57,6 +58,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_LARGE = -1.0e30
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+_TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
 
 
 class LinearConfig(NamedTuple):
@@ -84,7 +86,11 @@ def pick_linear_config(dtype: torch.dtype, pass_: str = "forward") -> LinearConf
     block_d = 64 if wide else 32
     if pass_ == "forward":
         return LinearConfig(128, 128, block_d, 8, 3)
-    return LinearConfig(64, 128, block_d, 8, 3)
+    # Triton 3.2 aborts the process (LinearLayout::reshapeOuts assertion) compiling the fused
+    # backward's second tl.dot for 2-byte dtypes with a 64-token tile on 8 warps (checked by
+    # compiling for sm_90 with 3.2 to 3.6: 3.3 and later are fine); 4 warps compile there.
+    warps = 4 if wide and _TRITON_VERSION < (3, 3) else 8
+    return LinearConfig(64, 128, block_d, warps, 3)
 
 
 # --------------------------------------------------------------------------- jit helpers
