@@ -106,8 +106,9 @@ def _row_scales(temperature_ptr, row, scalar_inv_temperature,
 def _scaled(z, scale):
     """s = z·log2(e)/T in fp32, with -inf (and anything below -1e30) held at -1e30. The max
     also keeps the compiler from fusing the product into a later subtraction (an FMA would
-    make s - max nonzero at the argmax)."""
-    return tl.maximum(z.to(tl.float32) * scale, -1.0e30)
+    make s - max nonzero at the argmax). NaN stays NaN (a GPU max would drop it), so a NaN
+    logit gives a NaN result rather than being read as -inf."""
+    return tl.maximum(z.to(tl.float32) * scale, -1.0e30, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

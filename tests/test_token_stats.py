@@ -337,3 +337,13 @@ def test_row_without_finite_logit_is_nan(impl, device):
                                                   impl=impl)
     assert torch.isnan(entropy[0]) and torch.isnan(logp[0])
     assert entropy[1] == 0 and logp[1] == 0
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_nan_logit_gives_nan_not_a_silent_result(impl, device):
+    logits = torch.randn(3, 40, device=device)
+    logits[1, 7] = float("nan")
+    logp, entropy = hapo_ops.logprobs_and_entropy(logits, torch.tensor([1, 2, 3], device=device),
+                                                  impl=impl)
+    assert torch.isnan(entropy[1]) and torch.isnan(logp[1])
+    assert torch.isfinite(entropy[[0, 2]]).all() and torch.isfinite(logp[[0, 2]]).all()
