@@ -18,6 +18,7 @@ from hapo_ops import (
     entropy_stats,
     hapo_policy_loss,
 )
+from test_entropy_signal import ref_stats  # one float64 reference for the stats
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BAD = (ValueError, TypeError)
@@ -27,17 +28,6 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------- reference
-
-
-def ref_stats(entropy, mask, quantile=0.8, eps=1e-8):
-    h = entropy.detach().double().reshape(-1).tolist()
-    m = mask.detach().bool().reshape(-1).tolist()
-    vals = sorted(math.log(max(x, eps)) for x, keep in zip(h, m) if keep)
-    n = len(vals)
-    if n == 0:
-        return 0.0, 0.0, 0.0, 0
-    k = round(quantile * (n - 1)) + 1
-    return vals[k - 1], vals[-1], vals[0], n
 
 
 def ref_h_hat(entropy, pivot, log_max, log_min, variant="paper", eps=1e-8, n_valid=1):
