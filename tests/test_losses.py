@@ -357,18 +357,25 @@ def test_clip_fractions_and_approx_kl(dtype):
         assert 0.0 <= v <= 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("agg", MODES)
-@pytest.mark.parametrize("garbage_in", ["logprobs", "all"])
-def test_clipped_policy_loss_masked_nan_inf_never_leak(dtype, agg, garbage_in):
-    g = torch.Generator().manual_seed(3)
-    B, L = 4, 6
+def _batch_with_garbage(seed, B, L, dtype):
+    """(generator, mask, old_logprobs, logprobs, advantages, garbage values) for the tests
+    that fill masked positions with NaN/inf; every row has a valid first token."""
+    g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, L, generator=g) < 0.6
     mask[:, 0] = True
     old = -torch.rand(B, L, generator=g, dtype=dtype) * 3
     lp = old + 0.3 * torch.randn(B, L, generator=g, dtype=dtype)
     adv = torch.randn(B, L, generator=g, dtype=dtype)
     bad = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    return g, mask, old, lp, adv, bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", MODES)
+@pytest.mark.parametrize("garbage_in", ["logprobs", "all"])
+def test_clipped_policy_loss_masked_nan_inf_never_leak(dtype, agg, garbage_in):
+    g, mask, old, lp, adv, bad = _batch_with_garbage(3, 4, 6, dtype)
+    B, L = mask.shape
     pick = torch.randint(0, 3, (B, L), generator=g)
     lp = torch.where(mask, lp, bad[pick])
     if garbage_in == "all":
@@ -579,15 +586,9 @@ def test_hapo_worked_example():
 @pytest.mark.parametrize("variant", ["paper", "released"])
 @pytest.mark.parametrize("garbage_in", ["logprobs", "all"])
 def test_hapo_masked_nan_inf_never_leak(dtype, variant, garbage_in):
-    g = torch.Generator().manual_seed(5)
-    B, L = 4, 7
-    mask = torch.rand(B, L, generator=g) < 0.6
-    mask[:, 0] = True
-    old = -torch.rand(B, L, generator=g, dtype=dtype) * 3
-    lp = old + 0.3 * torch.randn(B, L, generator=g, dtype=dtype)
-    adv = torch.randn(B, L, generator=g, dtype=dtype)
+    g, mask, old, lp, adv, bad = _batch_with_garbage(5, 4, 7, dtype)
+    B, L = mask.shape
     entropy = torch.exp(torch.randint(-20, 3, (B, L), generator=g).to(dtype) / 2)
-    bad = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
     pick = torch.randint(0, 3, (B, L), generator=g)
     lp = torch.where(mask, lp, bad[pick])
     if garbage_in == "all":
