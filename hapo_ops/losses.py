@@ -108,12 +108,12 @@ def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -
     return torch.tensor(max(value, 1.0), dtype=ref.dtype, device=ref.device)
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     total = torch.where(valid, values, torch.zeros_like(values)).sum()
     return total / valid.sum().clamp_min(1).to(values.dtype)
 
 
-def _check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          advantages: torch.Tensor, mask: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated (logprobs, old_logprobs, advantages broadcast to the token shape, bool mask)."""
@@ -137,7 +137,7 @@ def _check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     return logprobs, old_logprobs, advantages, valid
 
 
-def _clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
+def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
                        log_ratio_clamp: float) -> torch.Tensor:
     """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
@@ -161,7 +161,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     whatever they hold (NaN and inf included). ``agg`` and the denominators go to
     :func:`aggregate_loss`.
     """
-    logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
+    logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
     eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
@@ -172,7 +172,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     check_choice("agg", agg, AGGREGATION_MODES)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = _clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
+    log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     ratio = log_ratio.exp()
     adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
@@ -189,10 +189,10 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                           num_sequences=num_sequences, normalizer=normalizer)
     with torch.no_grad():
         r = ratio.detach()
-        clip_frac_low = _masked_mean(((adv < 0) & (r < lower)).to(r.dtype), valid)
-        clip_frac_high = _masked_mean(((adv > 0) & (r > upper)).to(r.dtype), valid)
-        dual_clip_frac = _masked_mean((capped & valid).to(r.dtype), valid)
-        approx_kl = _masked_mean((r - 1.0) - log_ratio.detach(), valid)
+        clip_frac_low = masked_mean(((adv < 0) & (r < lower)).to(r.dtype), valid)
+        clip_frac_high = masked_mean(((adv > 0) & (r > upper)).to(r.dtype), valid)
+        dual_clip_frac = masked_mean((capped & valid).to(r.dtype), valid)
+        approx_kl = masked_mean((r - 1.0) - log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
                             dual_clip_frac)
 
@@ -218,7 +218,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     With α = β = 0 this is ``clipped_policy_loss`` with the base ε. ``variant="released"``
     reproduces the public reference code's ĥ (its sign slip below the pivot).
     """
-    logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
+    logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     entropy = check_tensor("entropy", entropy, floating=True)
     check_same_shape("entropy", entropy, "logprobs", logprobs)
@@ -235,7 +235,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                                    alpha=alpha)
         log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                       min_inclusive=False)
-        ratio = _clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
+        ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
                                    log_ratio_clamp).exp()
         adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low, eps_high=clip_high,
                                       beta=beta)
