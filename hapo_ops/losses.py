@@ -109,13 +109,14 @@ def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``valid`` is set (0 when nothing is valid; no host sync)."""
     total = torch.where(valid, values, torch.zeros_like(values)).sum()
     return total / valid.sum().clamp_min(1).to(values.dtype)
 
 
 def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                         advantages: torch.Tensor, mask: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        advantages: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated (logprobs, old_logprobs, advantages broadcast to the token shape, bool mask)."""
     logprobs = check_tensor("logprobs", logprobs, floating=True)
     old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True)
@@ -138,7 +139,7 @@ def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
 
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
-                       log_ratio_clamp: float) -> torch.Tensor:
+                      log_ratio_clamp: float) -> torch.Tensor:
     """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = torch.where(valid, logprobs - old_logprobs, zero)
@@ -236,7 +237,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                       min_inclusive=False)
         ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
-                                   log_ratio_clamp).exp()
+                                  log_ratio_clamp).exp()
         adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low, eps_high=clip_high,
                                       beta=beta)
     return clipped_policy_loss(logprobs, old_logprobs, adv, valid, eps_low=clip_low,
