@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR",
                         help="write results.json, results.md and the plot here "
                              "(default: print only)")
-    parser.add_argument("--only", choices=SUITES, help="run one suite")
+    parser.add_argument("--only", choices=SUITES + ("rl",),
+                        help="run one suite; rl (training runs of every method, about "
+                             "15 minutes, 3 with --quick) runs only when named")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="rl suite: number of seeds (default 5, 2 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda when available, else cpu")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
@@ -54,6 +58,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.only == "rl":
+        from benchmarks import rl
+        return rl.run(quick=args.quick, seeds=args.seeds, out=args.out, argv=argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
