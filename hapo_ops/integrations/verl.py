@@ -1,0 +1,436 @@
+"""HAPO in verl (0.9.x): advantage estimators, the whole actor loss, and a trainer mode.
+
+Source: HAPO, arXiv 2509.16591. Read against verl 0.9.1 (``verl.trainer.ppo.core_algos``,
+``verl.workers.utils.losses.ppo_loss``, ``verl.workers.engine_workers``,
+``verl.trainer.ppo.v1``).
+
+This module is published as an entry point of verl's plugin group ``verl.plugins``, so
+``import verl`` loads it in every process (driver, task runner, every Ray worker) and it
+registers, in verl's own registries:
+
+- advantage estimators ``"hapo_tlga"`` (token-level group average, paper variant) and
+  ``"hapo_tlga_released"`` (the public reference code's fallback test), selected with
+  ``algorithm.adv_estimator=hapo_tlga``;
+- trainer modes ``"hapo_<mode>"`` for every v1 trainer mode (``hapo_sync``,
+  ``hapo_colocate_async``, ``hapo_separate_async``): the same trainer, with
+  :func:`hapo_loss` installed as the actor loss right after the workers are built. The
+  v1 trainer package is heavy (Ray actors, TransferQueue), so it is not imported here:
+  the modes are registered the moment verl itself imports ``verl.trainer.ppo.v1``.
+
+:func:`hapo_loss` is the whole HAPO actor loss in the shape of verl's
+``set_loss_fn(loss_fn(config, model_output, data, dp_group))``; its hyperparameters live
+in :class:`HAPOPolicyLossConfig`, a subclass of verl's ``PolicyLossConfig`` selected with
+``actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig``.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import hapo_ops
+from hapo_ops._validation import check_choice, check_float
+
+try:
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import PolicyLossConfig
+except ImportError as exc:  # pragma: no cover - exercised only without verl
+    raise ImportError("hapo_ops.integrations.verl needs verl: pip install 'hapo-ops[verl]'") from exc
+
+ESTIMATORS = {"hapo_tlga": "paper", "hapo_tlga_released": "released"}
+TRAINER_PREFIX = "hapo_"
+_V1_PACKAGE = "verl.trainer.ppo.v1"
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_ids_from_index(index: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B,) int64 group ids from verl's ``index`` (prompt uids: any hashable values).
+
+    Equal values get equal ids. A numpy array of strings or numbers (what verl passes:
+    ``data.non_tensor_batch["uid"]``) is mapped with one ``np.unique``; an integer tensor is
+    used as is; values that do not sort against each other fall back to a dict lookup.
+    """
+    if index is None:
+        raise ValueError("index must hold the prompt uid of every response (verl passes "
+                         "data.non_tensor_batch['uid']), got None")
+    if isinstance(index, torch.Tensor):
+        if index.dim() != 1:
+            raise ValueError(f"index must have shape (B,), got {tuple(index.shape)}")
+        if not index.dtype.is_floating_point and index.dtype != torch.bool:
+            return index.to(device=device, dtype=torch.int64)
+        index = index.cpu().numpy()
+    values = np.asarray(index, dtype=object if not isinstance(index, np.ndarray) else None)
+    if values.ndim != 1:
+        raise ValueError(f"index must have shape (B,), got {values.shape}")
+    try:
+        _, inverse = np.unique(values, return_inverse=True)
+    except TypeError:  # mixed types that do not sort (e.g. str and int): first-seen order
+        slots: dict[Any, int] = {}
+        inverse = np.fromiter((slots.setdefault(v, len(slots)) for v in values.tolist()),
+                              dtype=np.int64, count=len(values))
+    return torch.as_tensor(inverse.reshape(-1).astype(np.int64), device=device)
+
+
+def _config_value(config: Any, key: str, default: Any) -> Any:
+    if config is None:
+        return default
+    getter = getattr(config, "get", None)
+    value = getter(key, default) if getter is not None else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _make_estimator(variant: str):
+    def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                  config: Any = None, index: Any = None, **kwargs: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = token_level_rewards.sum(dim=-1)
+        group_ids = group_ids_from_index(index, rewards.device)
+        advantages = hapo_ops.token_level_group_advantages(
+            rewards, group_ids, response_mask,
+            normalize_std=bool(_config_value(config, "norm_adv_by_std_in_grpo", True)),
+            eps=float(_config_value(config, "hapo_eps", 1e-6)),
+            fallback_threshold=float(_config_value(config, "hapo_fallback_threshold", 5.0)),
+            variant=variant)
+        advantages = advantages.to(token_level_rewards.dtype)
+        return advantages, advantages
+
+    estimator.__name__ = ("compute_hapo_tlga_advantage" if variant == "paper"
+                          else "compute_hapo_tlga_released_advantage")
+    estimator.__qualname__ = estimator.__name__
+    estimator.__doc__ = (
+        f"HAPO token-level group-average advantages ({variant} variant) in verl's estimator "
+        "contract.\n\n"
+        "R_i = Σ_t token_level_rewards[i, t]; groups from ``index`` (prompt uids);\n"
+        "μ_g, σ_g token-weighted over the valid tokens of the group; A_i = (R_i − μ_g)/(σ_g + eps)\n"
+        "broadcast over the response tokens; GRPO fallback for groups with |A_i| ≥ threshold.\n"
+        "Returns (advantages, returns), both (B, L), zero outside ``response_mask``. Read from\n"
+        "``config`` (verl's ``algorithm`` section): ``norm_adv_by_std_in_grpo`` (default True) and\n"
+        "the optional ``hapo_eps`` (1e-6) and ``hapo_fallback_threshold`` (5.0).")
+    return estimator
+
+
+compute_hapo_tlga_advantage = _make_estimator("paper")
+compute_hapo_tlga_released_advantage = _make_estimator("released")
+_ESTIMATOR_FNS = {"hapo_tlga": compute_hapo_tlga_advantage,
+                  "hapo_tlga_released": compute_hapo_tlga_released_advantage}
+
+
+def register_advantage_estimators() -> None:
+    """Register ``hapo_tlga`` and ``hapo_tlga_released`` with verl (idempotent)."""
+    for name, fn in _ESTIMATOR_FNS.items():
+        if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
+            core_algos.ADV_ESTIMATOR_REGISTRY.pop(name, None)  # a reload of this module
+            core_algos.register_adv_est(name)(fn)
+
+
+# --------------------------------------------------------------------------- loss config
+
+
+@dataclass
+class HAPOPolicyLossConfig(PolicyLossConfig):
+    """verl's ``PolicyLossConfig`` plus the HAPO hyperparameters read by :func:`hapo_loss`.
+
+    Select it with ``actor_rollout_ref.actor.policy_loss._target_=`` this class' path and set
+    fields with ``+actor_rollout_ref.actor.policy_loss.hapo_alpha=...``. The clip bounds,
+    dual clip and aggregation are verl's own actor keys: ``clip_ratio_low``,
+    ``clip_ratio_high``, ``clip_ratio_c`` (HAPO's reference uses 10) and ``loss_agg_mode``.
+
+    hapo_variant: "paper" or "released" (ĥ below the pivot, as in the reference code).
+    hapo_alpha / hapo_beta: adaptive clipping / advantage redistribution strengths.
+    hapo_quantile: pivot quantile of the entropy statistics.
+    hapo_stats_scope: "dp" pools the entropy statistics of each micro-batch over the
+      data-parallel ranks (exact, collective), "local" uses this rank's micro-batch only.
+    hapo_entropy_eps: floor of H before the log.
+    """
+
+    hapo_variant: str = "paper"
+    hapo_alpha: float = 1.0
+    hapo_beta: float = 1.0
+    hapo_quantile: float = 0.8
+    hapo_stats_scope: str = "dp"
+    hapo_entropy_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
+        check_float("hapo_alpha", self.hapo_alpha)
+        check_float("hapo_beta", self.hapo_beta)
+        check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
+        check_choice("hapo_stats_scope", self.hapo_stats_scope, ("dp", "local"))
+        check_float("hapo_entropy_eps", self.hapo_entropy_eps, min_value=0.0, min_inclusive=False)
+
+
+_DEFAULT_HAPO = HAPOPolicyLossConfig()
+
+
+def _hapo_param(policy_loss: Any, name: str) -> Any:
+    """A HAPO field of ``actor.policy_loss`` (a HAPOPolicyLossConfig, or any mapping with
+    ``hapo_*`` keys); the class default where it is absent."""
+    return _config_value(policy_loss, name, getattr(_DEFAULT_HAPO, name))
+
+
+# --------------------------------------------------------------------------- actor loss
+
+
+def _policy_rollout_correction_check(config: Any) -> None:
+    rollout_correction = _config_value(getattr(config, "policy_loss", None), "rollout_correction", None)
+    if rollout_correction is not None and _config_value(rollout_correction, "bypass_mode", False):
+        raise ValueError("hapo_loss does not implement verl's rollout-correction bypass mode "
+                         "(algorithm.rollout_correction.bypass_mode=True); use the decoupled mode "
+                         "(old log-probs recomputed by the actor)")
+
+
+def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
+              ) -> tuple[torch.Tensor, dict]:
+    """The HAPO actor loss in the shape of verl's ``set_loss_fn`` (``ppo_loss``'s place).
+
+    ``config``: the actor config (``ActorConfig``); ``model_output``: the engine's output for
+    one micro-batch, with ``log_probs`` and ``entropy`` (set
+    ``actor_rollout_ref.actor.calculate_entropy=True`` so that verl computes it);
+    ``data``: the micro-batch ``TensorDict`` (``old_log_probs``, ``advantages``,
+    ``response_mask``, optionally ``rollout_is_weights`` and ``ref_log_prob``, and verl's
+    global ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size``).
+
+    Loss = :func:`hapo_ops.hapo_policy_loss` (ĥ from this micro-batch's entropy, adaptive
+    clip bounds around ``clip_ratio_low/high``, redistribution, dual clip ``clip_ratio_c``),
+    times ``rollout_is_weights`` per token when present, aggregated with ``loss_agg_mode``
+    over verl's global counts and multiplied by ``dp_size``, as verl's ``agg_loss`` does
+    (DDP/FSDP average gradients over ranks); minus ``entropy_coeff`` times the aggregated
+    entropy, plus ``kl_loss_coef`` times the KL loss when ``use_kl_loss``, as ``ppo_loss``.
+    Returns ``(loss, metrics)`` with verl's metric names plus ``actor/hapo/*``.
+    """
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    entropy = model_output.get("entropy", None)
+    if entropy is None:
+        raise ValueError("hapo_loss needs the per-token entropy: set "
+                         "actor_rollout_ref.actor.calculate_entropy=True")
+    _policy_rollout_correction_check(config)
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = no_padding_2_padding(entropy, data)
+
+    dp_size = data["dp_size"]
+    batch_num_tokens = data["batch_num_tokens"]
+    global_batch_size = data["global_batch_size"]
+    # verl's own terms below (entropy bonus, KL loss) aggregate with these, like ppo_loss
+    config.global_batch_info["dp_size"] = dp_size
+    config.global_batch_info["batch_num_tokens"] = batch_num_tokens
+    config.global_batch_info["global_batch_size"] = global_batch_size
+    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
+    if (dp_size > 1 or batch_num_tokens is not None or global_batch_size is not None
+            or config.loss_scale_factor is not None):
+        metric_aggregation = AggregationType.SUM
+    else:
+        metric_aggregation = AggregationType.MEAN
+
+    fields = ["response_mask", "old_log_probs", "advantages"]
+    for optional in ("rollout_is_weights", "ref_log_prob"):
+        if optional in data:
+            fields.append(optional)
+    padded = data.select(*fields).to_padded_tensor()
+    response_mask = padded["response_mask"].to(torch.bool)
+    old_log_prob = padded["old_log_probs"].to(log_prob.dtype)
+    advantages = padded["advantages"]
+    weights = padded.get("rollout_is_weights", None)
+
+    policy_loss_cfg = config.policy_loss
+    variant = _hapo_param(policy_loss_cfg, "hapo_variant")
+    quantile = float(_hapo_param(policy_loss_cfg, "hapo_quantile"))
+    entropy_eps = float(_hapo_param(policy_loss_cfg, "hapo_entropy_eps"))
+    scope = _hapo_param(policy_loss_cfg, "hapo_stats_scope")
+    group = None
+    if (scope == "dp" and dp_group is not None and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        group = dp_group
+    with torch.no_grad():
+        stats = hapo_ops.entropy_stats(entropy.detach(), response_mask, quantile=quantile,
+                                       eps=entropy_eps, group=group)
+
+    mode = config.loss_agg_mode
+    agg_kwargs = _aggregation_kwargs(mode, response_mask, batch_num_tokens, global_batch_size,
+                                     config.loss_scale_factor)
+    out = hapo_ops.hapo_policy_loss(
+        log_prob, old_log_prob, advantages, entropy, response_mask, stats=stats, variant=variant,
+        eps_low=float(config.clip_ratio_low), eps_high=float(config.clip_ratio_high),
+        alpha=float(_hapo_param(policy_loss_cfg, "hapo_alpha")),
+        beta=float(_hapo_param(policy_loss_cfg, "hapo_beta")), quantile=quantile,
+        dual_clip=float(config.clip_ratio_c), agg=mode, entropy_eps=entropy_eps, **agg_kwargs)
+    pg_loss = out.loss
+    if weights is not None:
+        pg_loss = hapo_ops.aggregate_loss(out.per_token * weights.detach().to(out.per_token.dtype),
+                                          response_mask, mode, **agg_kwargs)
+    pg_loss = pg_loss * dp_size
+
+    with torch.no_grad():
+        h_hat = hapo_ops.normalized_entropy(entropy.detach(), stats, variant=variant,
+                                            eps=entropy_eps)
+        h_hat_mean = (h_hat * response_mask).sum() / response_mask.sum().clamp_min(1)
+    pg_metrics = {
+        "actor/pg_clipfrac": (out.clip_frac_low + out.clip_frac_high).item(),
+        "actor/pg_clipfrac_lower": out.dual_clip_frac.item(),
+        "actor/ppo_kl": out.approx_kl.item(),
+        "actor/hapo/clip_frac_low": out.clip_frac_low.item(),
+        "actor/hapo/clip_frac_high": out.clip_frac_high.item(),
+        "actor/hapo/dual_clip_frac": out.dual_clip_frac.item(),
+        "actor/hapo/h_hat_mean": h_hat_mean.item(),
+        "actor/hapo/pivot": stats.pivot.item(),
+    }
+    metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
+    metrics["actor/pg_loss"] = Metric(value=pg_loss.detach().item(), aggregation=metric_aggregation)
+    policy_loss = pg_loss
+
+    if config.entropy_coeff != 0:
+        entropy_loss = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask,
+                                           loss_agg_mode=mode, **config.global_batch_info)
+        policy_loss = policy_loss - config.entropy_coeff * entropy_loss
+        metrics["actor/entropy_loss"] = Metric(value=entropy_loss.detach().item(),
+                                               aggregation=metric_aggregation)
+    if config.use_kl_loss:
+        kld = core_algos.kl_penalty(logprob=log_prob, ref_logprob=padded["ref_log_prob"],
+                                    kl_penalty=config.kl_loss_type)
+        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode,
+                                      **config.global_batch_info)
+        policy_loss = policy_loss + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = Metric(value=kl_loss.detach().item(), aggregation=metric_aggregation)
+        metrics["kl_coef"] = config.kl_loss_coef
+    return policy_loss, metrics
+
+
+def _aggregation_kwargs(mode: str, mask: torch.Tensor, batch_num_tokens: Optional[float],
+                        global_batch_size: Optional[float], loss_scale_factor: Optional[float]
+                        ) -> dict:
+    """Denominators that make ``hapo_ops.aggregate_loss`` × dp_size equal verl's ``agg_loss``."""
+    if mode == "token-mean":
+        return {"num_tokens": batch_num_tokens}
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return {"num_sequences": global_batch_size}
+    if mode == "seq-mean-token-sum-norm":
+        sequences = global_batch_size
+        if sequences is None:
+            sequences = (mask.sum(-1) > 0).sum()
+        scale = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return {"normalizer": sequences * scale}
+    return {}
+
+
+def install_hapo_loss(actor_rollout_wg: Any, actor_config: Any) -> None:
+    """Make :func:`hapo_loss` the actor loss of a built actor worker group.
+
+    ``actor_rollout_wg``: the trainer's ``actor_rollout_wg`` (after its ``init_model``);
+    ``actor_config``: the actor section as a dataclass (``omega_conf_to_dataclass(
+    config.actor_rollout_ref.actor)``). Each worker receives its own copy of the config.
+    """
+    actor_rollout_wg.set_loss_fn(partial(hapo_loss, config=actor_config))
+
+
+# --------------------------------------------------------------------------- trainer modes
+
+
+def register_trainers() -> list[str]:
+    """Register ``hapo_<mode>`` for every v1 trainer mode now registered (idempotent).
+
+    Each is a subclass of the mode's trainer whose ``on_init_end`` first installs
+    :func:`hapo_loss` in the actor workers (then runs the base hook). Imports
+    ``verl.trainer.ppo.v1``. Returns the registered names.
+    """
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.utils.config import omega_conf_to_dataclass
+
+    names = []
+    for mode, base in list(trainer_base.TRAINER_REGISTRY.items()):
+        if mode.startswith(TRAINER_PREFIX):
+            continue
+        name = TRAINER_PREFIX + mode
+        existing = trainer_base.TRAINER_REGISTRY.get(name)
+        if existing is not None and getattr(existing, "_hapo_base", None) is base:
+            names.append(name)
+            continue
+
+        def on_init_end(self, _base=base):
+            install_hapo_loss(self.actor_rollout_wg,
+                              omega_conf_to_dataclass(self.config.actor_rollout_ref.actor))
+            _base.on_init_end(self)
+
+        cls = type(f"HAPO{base.__name__}", (base,), {
+            "on_init_end": on_init_end, "_hapo_base": base, "__module__": __name__,
+            "__doc__": f"verl's {mode!r} trainer with hapo_ops' HAPO actor loss."})
+        globals()[cls.__name__] = cls  # importable by name (pickling)
+        trainer_base.TRAINER_REGISTRY.pop(name, None)
+        trainer_base.register_trainer(name)(cls)
+        names.append(name)
+    return names
+
+
+class _RegisterTrainersAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs :func:`register_trainers` once verl has imported ``verl.trainer.ppo.v1``.
+
+    Only that one module name is intercepted; its import is delegated to the regular finders
+    and the registration runs after the package body (all built-in modes registered)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _V1_PACKAGE:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        self._inner = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _remove_import_hook()
+        register_trainers()
+
+
+def _remove_import_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterTrainersAfterImport)]
+
+
+def _install_trainer_registration() -> None:
+    if _V1_PACKAGE in sys.modules:
+        try:
+            register_trainers()
+        except ImportError:  # pragma: no cover - partial verl installs
+            pass
+        return
+    _remove_import_hook()
+    sys.meta_path.insert(0, _RegisterTrainersAfterImport())
+
+
+def register() -> None:
+    """Everything the plugin registers: estimators now, trainer modes with the v1 package."""
+    register_advantage_estimators()
+    _install_trainer_registration()
+
+
+register()
+
+__all__ = [
+    "ESTIMATORS",
+    "HAPOPolicyLossConfig",
+    "compute_hapo_tlga_advantage",
+    "compute_hapo_tlga_released_advantage",
+    "group_ids_from_index",
+    "hapo_loss",
+    "install_hapo_loss",
+    "register",
+    "register_advantage_estimators",
+    "register_trainers",
+]
