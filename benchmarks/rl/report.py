@@ -151,7 +151,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"`{meta['command']}` — {meta['date']}, {meta['cpu']} ({meta['cpu_count']} cores, "
         f"{meta['workers']} worker processes x 1 thread), torch {meta['torch']}, "
         f"hapo-ops {meta['hapo_ops']} (commit {meta['git_commit']}), wall time "
-        f"{meta['wall_s']:.0f} s.",
+        f"{meta['wall_s']:.0f} s"
+        + (f" (load average {meta['load_average_at_end'][1]} over the last 5 minutes"
+           f"{': the cores were shared' if meta['load_average_at_end'][1] > meta['cpu_count'] else ''})"
+           if meta.get("load_average_at_end") else "") + ".",
         "",
         f"Task: sort 1–{cfg['max_len']} digits, binary exact-match reward. Policy: GRU "
         f"(embedding {cfg['d_embed']}, hidden {cfg['d_hidden']}), {cfg['warm_steps']} "

@@ -105,6 +105,7 @@ def run(*, quick: bool = False, seeds: int | None = None, out: str | None = None
         f"torch {torch.__version__}")
     runs = _jobs(cfg, seed_list, METHODS, workers)
     meta["wall_s"] = round(time.monotonic() - started, 1)
+    meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     doc = report.build(meta, METHODS, runs)
     text = report.markdown(doc)
     print(text)
