@@ -20,12 +20,19 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 
 from hapo_ops._selection import kth_smallest
 from hapo_ops._validation import check_float, check_mask, check_same_device, check_tensor
 from hapo_ops.collectives import ProcessGroup, all_reduce_sum
 
 _ACCUMULATE = torch.float64
+
+
+def _check_group(group: object) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got "
+                        f"{type(group).__name__}")
 
 
 def _nearest_rank(count: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -102,6 +109,7 @@ def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
     if per_sequence and group is not None:
         raise ValueError("group must be None with per_sequence=True: each response's "
                          "threshold uses only its own tokens")
+    _check_group(group)
     quantile = 1.0 - top_fraction
     with torch.no_grad():
         # + 0.0 turns -0.0 into +0.0, so that float comparisons and the radix order agree.
@@ -188,6 +196,7 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
         raise ValueError(f"advantages must have shape {tuple(entropy.shape[:-1])} (one per "
                          f"response) or {tuple(entropy.shape)} (per token), got "
                          f"{tuple(advantages.shape)}")
+    _check_group(group)
     if max_scale is not None:
         max_scale = check_float("max_scale", max_scale, min_value=0.0, min_inclusive=False)
     with torch.no_grad():

@@ -213,6 +213,8 @@ def test_quantile_mask_rejects_bad_input():
         entropy_quantile_mask(h, m, per_sequence=1)
     with pytest.raises(ValueError, match="group"):
         entropy_quantile_mask(h, m, per_sequence=True, group=object())
+    with pytest.raises(TypeError, match="group"):
+        entropy_quantile_mask(h, m, group="world")
 
 
 # --------------------------------------------------------------------------- EDGE-GRPO
@@ -270,6 +272,8 @@ def test_edge_advantages_reject_bad_input():
         sequence_entropy_advantages(torch.ones(2), h, torch.ones(2, 2))
     with pytest.raises(ValueError, match="max_scale"):
         sequence_entropy_advantages(torch.ones(2), h, m, max_scale=0.0)
+    with pytest.raises(TypeError, match="group"):
+        sequence_entropy_advantages(torch.ones(2), h, m, group="world")
     with pytest.raises(ValueError, match="entropy"):
         sequence_entropy_advantages(torch.ones(()), torch.tensor(1.0), torch.tensor(1.0))
 
