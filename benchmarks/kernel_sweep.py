@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton.testing
 
-    from hapo_ops.kernels.logprob_entropy import (KernelConfig, logprob_entropy_backward,
-                                                  logprob_entropy_forward, pick_config)
+    from hapo_ops.kernels._common import KernelConfig, pick_config
+    from hapo_ops.kernels.logprob_entropy import (logprob_entropy_backward,
+                                                  logprob_entropy_forward)
 
     rows = []
     for dtype, n_rows, vocab, share, configs in CASES:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         del copy_dst
         grad = torch.empty_like(logits)
         g = torch.randn(n_rows, device="cuda")
-        default = pick_config(vocab, dtype)
+        default = pick_config(vocab, dtype, "forward")
         print(f"# {dtype} N={n_rows} V={vocab}: copy {copy_ms:.3f} ms = {copy_gbps:.0f} GB/s "
               f"(read+write); rule picks {tuple(default)}", file=sys.stderr)
         for block, warps, stages in configs:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     config=config), return_mode="median")
                 bwd = triton.testing.do_bench(
                     lambda: logprob_entropy_backward(logits, labels, None, 1.0, state, entropy,
-                                                     g, g, -100, out=grad, config=config),
+                                                     g, g, -100, config=config),
                     return_mode="median")
             except Exception as exc:  # a config the compiler rejects (e.g. shared memory)
                 print(f"{dtype} {tuple(config)} failed: {str(exc)[:120]}", file=sys.stderr)

@@ -10,7 +10,7 @@ Implementations
   liger-flce         Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"):
                      log-prob only (no entropy), CUDA, when installed
 
-CUDA: the issue's grid N ∈ {8192, 16384} × D ∈ {2048, 4096} × V ∈ {128256, 151936} in bf16
+CUDA: the grid N ∈ {8192, 16384} × D ∈ {2048, 4096} × V ∈ {128256, 151936} in bf16
 (and the target shape in fp32), forward and forward+backward (gradients of h and W).
 Target: fused ≤ 1.3× the time of ``unfused`` with no N×V allocation ("extra peak MB").
 CPU: one small fp32 shape (N=2048, D=256, V=32000) for the memory comparison; the N×V

@@ -1,4 +1,4 @@
-"""Log-prob + entropy from logits (SPEC §1): hapo_ops against the usual alternatives.
+"""Log-prob + entropy from logits: hapo_ops against the usual alternatives.
 
 Implementations
   hapo-triton    hapo_ops.logprobs_and_entropy(..., impl="triton")

@@ -1,4 +1,4 @@
-"""Adaptive-temperature sampling (SPEC §3): hapo_ops against the torch sequence a user writes.
+"""Adaptive-temperature sampling: hapo_ops against the torch sequence a user writes.
 
 Implementations
   hapo-triton   hapo_ops.adaptive_temperature_sample(..., impl="triton") (CUDA, or --smoke)

@@ -1,19 +1,26 @@
 """hapo-ops: token-aware policy-optimization ops (HAPO, arXiv 2509.16591) for RL of LLMs.
 
 Small pure functions; each docstring gives its formula and source. See README.md.
+
+Layers, each importing only the ones above it: ``collectives`` (reductions over a process
+group) → ``row_statistics`` (the per-row algebra of log-prob and entropy) → the ops over a
+vocabulary (``logprob_entropy``, ``linear_logprob_entropy``, ``sampling``; Triton kernels of
+the same names in ``hapo_ops.kernels``) and the trainer ops (``entropy_signal``,
+``advantages``, ``losses``, ``temperature``) → ``integrations`` (optional framework glue,
+never imported by the core).
 """
 
 from hapo_ops.advantages import (grpo_advantages, redistribute_advantages,
                                  token_level_group_advantages)
-from hapo_ops.distributed import (global_sequence_count, global_token_count,
-                                  vocab_parallel_logprobs_and_entropy)
 from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
-from hapo_ops.linear import linear_logprobs_and_entropy
+from hapo_ops.linear_logprob_entropy import linear_logprobs_and_entropy
+from hapo_ops.logprob_entropy import (logprobs_and_entropy, token_entropy, token_logprobs,
+                                      vocab_parallel_logprobs_and_entropy)
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, adaptive_clip_bounds,
-                             aggregate_loss, clipped_policy_loss, hapo_policy_loss)
+                             aggregate_loss, clipped_policy_loss, global_sequence_count,
+                             global_token_count, hapo_policy_loss)
 from hapo_ops.sampling import SampleOutput, adaptive_temperature_sample
 from hapo_ops.temperature import adaptive_temperature
-from hapo_ops.token_stats import logprobs_and_entropy, token_entropy, token_logprobs
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public op (SPEC §7).
+"""Argument checks shared by every public op.
 
 Each check raises ``ValueError`` or ``TypeError`` naming the argument and what was
 expected. None of them reads tensor values (no host sync) unless its name says so.
@@ -28,9 +28,10 @@ def check_tensor(name: str, value: object, *, floating: bool = False, integer: b
     return value
 
 
-def check_mask(name: str, mask: object, shape: Sequence[int] | None = None) -> torch.Tensor:
+def check_mask(name: str, mask: object, shape: Sequence[int] | None = None, *,
+               allow_empty: bool = False) -> torch.Tensor:
     """A mask is bool or numeric (1 = valid); returns it as bool."""
-    mask = check_tensor(name, mask)
+    mask = check_tensor(name, mask, allow_empty=allow_empty)
     if mask.is_complex():
         raise TypeError(f"{name} must be a bool or real tensor, got dtype {mask.dtype}")
     if shape is not None and tuple(mask.shape) != tuple(shape):

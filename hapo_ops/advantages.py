@@ -1,5 +1,5 @@
 """Advantage estimators: GRPO, HAPO's token-level group average, and the entropy- and
-ratio-aware redistribution (HAPO, arXiv 2509.16591, §3.2-3.3; SPEC §4).
+ratio-aware redistribution (HAPO, arXiv 2509.16591, §3.2-3.3).
 
 All ops are vectorised segment reductions over ``group_ids`` (no Python loop over rows or
 groups, no host sync); group statistics are accumulated in float64.
@@ -18,7 +18,7 @@ from hapo_ops._segments import compact_group_index, segment_sum_gather
 from hapo_ops._validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
-from hapo_ops.distributed import all_gather_rows
+from hapo_ops.collectives import all_gather_rows
 
 _ACCUMULATE = torch.float64
 

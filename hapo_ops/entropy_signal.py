@@ -1,7 +1,7 @@
 """The HAPO entropy signal ĥ: batch statistics of log-entropy and their normalisation.
 
 Source: HAPO, arXiv 2509.16591, §3 (the normalised entropy that drives temperature,
-clipping and advantage redistribution). SPEC §2.
+clipping and advantage redistribution).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from hapo_ops._selection import CountReducer, kth_smallest
 from hapo_ops._validation import (check_float, check_mask, check_same_device, check_tensor,
                                   check_variant)
-from hapo_ops.distributed import all_reduce_max, all_reduce_sum
+from hapo_ops.collectives import all_reduce_max, all_reduce_sum
 
 
 class EntropyStats(NamedTuple):

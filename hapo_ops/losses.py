@@ -1,10 +1,11 @@
 """Asymmetric adaptive clipping, the clipped policy-gradient loss, loss aggregation and the
 composed HAPO loss (HAPO, arXiv 2509.16591, §3.4; PPO, arXiv 1707.06347; dual clip,
-arXiv 1912.09729; SPEC §5).
+arXiv 1912.09729).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -13,6 +14,7 @@ from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
 from hapo_ops.advantages import redistribute_advantages
+from hapo_ops.collectives import ProcessGroup, all_reduce_sum
 from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
 
 AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -99,6 +101,36 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
         row_sums = row_sums / lengths.clamp_min(1).to(row_sums.dtype)
     denominator = (lengths > 0).sum() if num_sequences is None else num_sequences
     return row_sums.sum() / _positive(denominator, "num_sequences", per_token)
+
+
+def global_token_count(mask: torch.Tensor | Sequence[torch.Tensor],
+                       group: ProcessGroup | None = None) -> torch.Tensor:
+    """N_tok = Σ over ranks (and over the given micro-batch masks) of Σ m, an int64 0-d tensor.
+
+    The denominator that makes a token-mean exact however the step is split: pass it as
+    ``num_tokens`` to every micro-batch's ``aggregate_loss`` / policy loss and sum (do not
+    average) the micro-batch losses; data-parallel gradient averaging then needs the
+    per-rank sum, i.e. multiply by the world size if the trainer's all-reduce averages.
+    A rank with no tokens (an empty mask) contributes 0 and still takes part in the
+    all-reduce.
+    """
+    return all_reduce_sum(_count(mask, lambda valid: valid.sum(dtype=torch.int64)), group)
+
+
+def global_sequence_count(mask: torch.Tensor | Sequence[torch.Tensor],
+                          group: ProcessGroup | None = None) -> torch.Tensor:
+    """N_seq = Σ over ranks and micro-batches of the rows with a valid token (int64 0-d),
+    the ``num_sequences`` of the sequence-mean modes of ``aggregate_loss``."""
+    return all_reduce_sum(_count(mask, lambda valid: valid.reshape(valid.shape[0], -1)
+                                 .any(-1).sum(dtype=torch.int64)), group)
+
+
+def _count(mask, count_one) -> torch.Tensor:
+    masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
+    if not masks:
+        raise ValueError("mask must be a tensor or a non-empty sequence of tensors, got none")
+    counts = [count_one(check_mask("mask", m, allow_empty=True)) for m in masks]
+    return torch.stack([c.to(counts[0].device) for c in counts]).sum()
 
 
 def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Adaptive-temperature sampling: one token per row at T = T_base·(1 + τ·ĥ) (SPEC §3).
+"""Adaptive-temperature sampling: one token per row at T = T_base·(1 + τ·ĥ).
 
 Source: HAPO, arXiv 2509.16591, §3.1. ĥ comes from the entropy H of the raw (T = 1)
 next-token distribution and ``EntropyStats`` of the previous training batch; the token is
@@ -12,7 +12,7 @@ Two implementations:
             (seed, row id, vocabulary index): reproducible for a seed and independent of how
             rows are batched.
   "torch"   the same semantics in row chunks of PyTorch (entropy and log-probs through
-            ``hapo_ops.token_stats``), with an exponential race driven by a
+            ``hapo_ops.logprob_entropy``), with an exponential race driven by a
             ``torch.Generator``: another random stream, which depends on the batch layout.
             It also supports ``top_k`` / ``top_p``.
 """
@@ -23,10 +23,11 @@ from typing import NamedTuple
 
 import torch
 
-from hapo_ops import token_stats
 from hapo_ops._validation import check_float, check_tensor, check_variant
 from hapo_ops.entropy_signal import EntropyStats
+from hapo_ops.logprob_entropy import default_chunk_tokens, token_entropy, token_logprobs
 from hapo_ops.temperature import adaptive_temperature
+from hapo_ops.token_inputs import resolve_impl
 
 SEED_LIMIT = 1 << 63
 
@@ -169,7 +170,7 @@ def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: tor
     n_rows, vocab = logits.shape
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     log_kept = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
-    step = max(1, token_stats.TORCH_CHUNK_ELEMENTS // max(vocab, 1))
+    step = default_chunk_tokens(vocab, logits.device)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         scaled = logits[start:stop].to(torch.float32) / temperature[start:stop, None]
@@ -183,17 +184,17 @@ def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: tor
     return tokens, log_kept
 
 
-def _sample_torch(logits, stats, base_temperature, tau, variant, seed, generator, top_k,
+def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, generator, top_k,
                   top_p) -> SampleOutput:
-    entropy = token_stats.token_entropy(logits, impl="torch")
+    entropy = token_entropy(logits, impl="torch")
     temperature = adaptive_temperature(entropy, stats, base_temperature=base_temperature,
-                                       tau=tau, variant=variant).to(torch.float32)
+                                       tau=tau, variant=variant, eps=eps).to(torch.float32)
     gen = _torch_generator(logits, seed, generator)
     tokens, log_kept = torch_sample(logits, temperature, gen, top_k, top_p)
     no_distribution = torch.isnan(entropy)
     tokens = tokens.masked_fill(no_distribution, 0)
     safe_t = temperature.masked_fill(no_distribution, 1.0)
-    logprobs = token_stats.token_logprobs(logits, tokens, temperature=safe_t, impl="torch")
+    logprobs = token_logprobs(logits, tokens, temperature=safe_t, impl="torch")
     logprobs = (logprobs - log_kept).masked_fill(no_distribution, float("nan"))
     temperature = temperature.masked_fill(no_distribution, float("nan"))
     return SampleOutput(tokens, temperature, logprobs, entropy)
@@ -210,14 +211,14 @@ def _stats_tensor(stats: EntropyStats | None, logits: torch.Tensor) -> torch.Ten
                         for s in stats])
 
 
-def _sample_triton(logits, stats, base_temperature, tau, variant, seed, generator,
+def _sample_triton(logits, stats, base_temperature, tau, variant, eps, seed, generator,
                    row_ids) -> SampleOutput:
     from hapo_ops.kernels.sampling import adaptive_sample_forward
 
     seed_tensor = _seed_tensor(seed, generator, logits.device)
     tokens, temperature, logprobs, entropy = adaptive_sample_forward(
         logits, _stats_tensor(stats, logits), seed_tensor, row_ids,
-        base_temperature=base_temperature, tau=tau, paper=variant == "paper")
+        base_temperature=base_temperature, tau=tau, paper=variant == "paper", eps=eps)
     return SampleOutput(tokens, temperature, logprobs, entropy)
 
 
@@ -231,13 +232,13 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
                                 generator: torch.Generator | None = None,
                                 top_k: int | None = None, top_p: float | None = None,
                                 row_ids: torch.Tensor | None = None,
-                                impl: str = "auto") -> SampleOutput:
+                                impl: str = "auto", eps: float = 1e-8) -> SampleOutput:
     """Draw one token per row from softmax(z/T_row), T_row = T_base·(1 + τ·ĥ_row).
 
     H_row = entropy of softmax(z_row) (T = 1), ĥ = ``normalized_entropy(H, stats,
     variant=variant)``, T = ``adaptive_temperature(H, stats, ...)``; ``stats=None`` (no
     training batch yet) gives T = T_base for every row. Source: HAPO (arXiv 2509.16591)
-    §3.1; SPEC §3.
+    §3.1;
 
     Args:
       logits: (B, V) float logits of the next token (any float dtype; math in fp32).
@@ -254,12 +255,15 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
         any batch. The torch path draws from a ``torch.Generator`` stream instead (another
         stream, which depends on the batch) and ignores it.
       impl: "auto" (Triton on CUDA without top_k/top_p, else torch), "torch" or "triton".
+      eps: the floor of H in ℓ = ln(max(H, eps)) and of the scales of ĥ, as in
+        ``normalized_entropy`` (use the same value as the ``entropy_stats`` that made
+        ``stats``).
     Returns:
       ``SampleOutput(tokens, temperature, logprobs, entropy)``, each (B,), no gradient.
       Without truncation ``logprobs == token_logprobs(logits, tokens, temperature=temperature)``
-      and ``entropy == token_entropy(logits)``. A row whose logits are all -inf (no
-      distribution) gives token 0 and NaN temperature, logprob and entropy. Entries at -inf
-      are never drawn otherwise.
+      and ``entropy == token_entropy(logits)``. A row with no distribution (all logits -inf)
+      or with a NaN logit gives token 0 and NaN temperature, logprob and entropy, on both
+      paths. Entries at -inf are never drawn otherwise; +inf entries share all the mass.
     """
     logits = _check_logits(logits)
     stats = _check_stats(stats)
@@ -274,18 +278,18 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
     truncated = top_k is not None or top_p is not None
     if impl == "auto" and truncated:
         impl = "torch"
-    impl = token_stats.resolve_impl(impl, logits)
+    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+    impl = resolve_impl(impl, logits)
     with torch.no_grad():
         logits = logits.detach()
         if impl == "triton":
             if truncated:
                 raise ValueError("top_k and top_p are supported by impl='torch' only; the fused "
                                  "kernel samples from the full softmax(z/T)")
-            token_stats._check_triton_device(logits)
-            return _sample_triton(logits, stats, base_temperature, tau, variant, seed,
+            return _sample_triton(logits, stats, base_temperature, tau, variant, eps, seed,
                                   generator, row_ids)
-        return _sample_torch(logits, stats, base_temperature, tau, variant, seed, generator,
-                             top_k, top_p)
+        return _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed,
+                             generator, top_k, top_p)
 
 
 __all__ = ["SampleOutput", "adaptive_temperature_sample", "filter_top_k_top_p"]

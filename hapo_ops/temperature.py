@@ -1,4 +1,4 @@
-"""Adaptive sampling temperature (HAPO, arXiv 2509.16591, §3.1; SPEC §3)."""
+"""Adaptive sampling temperature (HAPO, arXiv 2509.16591, §3.1)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from hapo_ops.entropy_signal import EntropyStats, normalized_entropy
 
 def adaptive_temperature(entropy: torch.Tensor, stats: EntropyStats | None, *,
                          base_temperature: float = 1.0, tau: float = 0.05,
-                         variant: str = "paper") -> torch.Tensor:
+                         variant: str = "paper", eps: float = 1e-8) -> torch.Tensor:
     """T = T_base · (1 + τ·ĥ), ĥ = ``normalized_entropy(entropy, stats, variant=variant)``.
 
     ``entropy`` is the entropy of the raw (T = 1) next-token distribution. High-entropy
     tokens sample hotter, low-entropy ones cooler. ``stats=None`` (no training batch yet)
-    gives T_base everywhere. |τ| < 1 keeps T > 0.
+    gives T_base everywhere. |τ| < 1 keeps T > 0. ``eps`` is ``normalized_entropy``'s.
+    The result has the floating dtype of ``entropy`` promoted to at least float32, with or
+    without ``stats``.
     """
     entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     base_temperature = check_float("base_temperature", base_temperature, min_value=0.0,
@@ -26,5 +28,5 @@ def adaptive_temperature(entropy: torch.Tensor, stats: EntropyStats | None, *,
     dtype = torch.promote_types(entropy.dtype, torch.float32)
     if stats is None:
         return torch.full(entropy.shape, base_temperature, dtype=dtype, device=entropy.device)
-    h_hat = normalized_entropy(entropy, stats, variant=variant)
-    return base_temperature * (1.0 + tau * h_hat)
+    h_hat = normalized_entropy(entropy, stats, variant=variant, eps=eps)
+    return (base_temperature * (1.0 + tau * h_hat)).to(dtype)

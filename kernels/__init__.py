@@ -1,10 +1,8 @@
 """Triton kernels of hapo-ops, shipped as ``hapo_ops.kernels``.
 
-Importing this package needs Triton; the public API in ``hapo_ops`` imports it lazily, so
-the torch paths work without Triton installed.
+Importing this package needs Triton; the ops in ``hapo_ops`` import a kernel module only when
+they launch it, so the torch paths work without Triton installed. ``_common`` holds what
+every kernel shares (jit helpers of the per-row statistics, constants, row addressing,
+launch configuration); each other module mirrors the op module of the same name in
+``hapo_ops``.
 """
-
-from hapo_ops.kernels.logprob_entropy import (KernelConfig, logprob_entropy_backward,
-                                              logprob_entropy_forward, pick_config)
-
-__all__ = ["KernelConfig", "logprob_entropy_backward", "logprob_entropy_forward", "pick_config"]

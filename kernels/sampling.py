@@ -1,16 +1,16 @@
-"""Fused adaptive-temperature sampling kernel (SPEC §3; HAPO, arXiv 2509.16591, §3.1).
+"""Fused adaptive-temperature sampling kernel (HAPO, arXiv 2509.16591, §3.1).
 
 One program per row, two reads of the row, O(B) outputs (nothing of size B×V is written):
 
-1. T = 1 pass: the row's entropy H with the exact accumulation of the log-prob kernel
-   (``_accumulate_block``, same block size and order, so H is bitwise the value of
-   ``token_entropy``); then, from the ``EntropyStats`` scalars, ℓ = ln(max(H, 1e-8)),
+1. T = 1 pass: the row's entropy H with the statistics of the log-prob kernel
+   (``_common.row_statistics``, same block size and order, so H is bitwise the value of
+   ``token_entropy``); then, from the ``EntropyStats`` scalars, ℓ = ln(max(H, ε)),
    ĥ = clamp((ℓ - m)/max(ℓ_max - m, ε) or the variant's branch below m, -1, 1) and
    T = T_base·(1 + τ·ĥ), the formula of ``adaptive_temperature``.
 2. Sampling pass at that T, Gumbel-max (equivalently an exponential race):
-   token = argmax_v s_v - log2(E_v), s = z·log2(e)/T, E_v ~ Exp(1) i.i.d., while the same
-   ``_accumulate_block`` folds s into the log-sum-exp at T, so that the behaviour log-prob
-   logp = (s_tok - max)·ln2 - log1p(rest) comes out of this pass (bitwise the value of
+   token = argmax_v (z_v - M)·log2(e)/T - log2(E_v), E_v ~ Exp(1) i.i.d., while
+   ``_common.accumulate_block`` folds the same loads into the normaliser at T, so that the
+   behaviour log-prob comes out of this pass (bitwise the value of
    ``token_logprobs(..., temperature=T)``).
 
 Random numbers: counter-based Philox4x32-10 (``tl.philox``), key = the 64-bit seed,
@@ -28,28 +28,27 @@ import torch
 import triton
 import triton.language as tl
 
-from hapo_ops.kernels.logprob_entropy import (KernelConfig, _accumulate_block, _log1p,
-                                              _entropy_from_statistics, _row_pointer,
-                                              _row_scales, _row_statistics, _scaled,
-                                              addressable_rows, pick_config)
+from hapo_ops.kernels._common import (LOG2E, NEG_LARGE, KernelConfig, accumulate_block,
+                                      addressable_rows, finish_row, pick_config, row_pointer,
+                                      row_statistics, saturate)
 
 
 @triton.jit
-def _adaptive_temperature(entropy, stats_ptr, base_temperature, tau,
+def _adaptive_temperature(entropy, stats_ptr, base_temperature, tau, eps,
                           HAS_STATS: tl.constexpr, PAPER: tl.constexpr):
-    """T = T_base·(1 + τ·ĥ) with ĥ of ``normalized_entropy`` (eps = 1e-8), in fp32."""
+    """T = T_base·(1 + τ·ĥ) with ĥ of ``normalized_entropy`` (same ``eps``), in fp32."""
     temperature = tl.full([], base_temperature, tl.float32)
     if HAS_STATS:
         pivot = tl.load(stats_ptr)
         log_max = tl.load(stats_ptr + 1)
         log_min = tl.load(stats_ptr + 2)
-        ell = tl.log(tl.maximum(entropy, 1.0e-8))
-        above = (ell - pivot) / tl.maximum(log_max - pivot, 1.0e-8)
+        ell = tl.log(tl.maximum(entropy, eps))
+        above = (ell - pivot) / tl.maximum(log_max - pivot, eps)
         if PAPER:
             gap = ell - pivot
         else:
             gap = pivot - ell
-        below = gap / tl.maximum(pivot - log_min, 1.0e-8)
+        below = gap / tl.maximum(pivot - log_min, eps)
         h_hat = tl.where(ell > pivot, above, below)
         h_hat = tl.minimum(tl.maximum(h_hat, -1.0), 1.0)
         temperature = base_temperature * (1.0 + tau * h_hat)
@@ -81,29 +80,28 @@ def _random_bits(seed, start, row_lo, row_hi, BLOCK_V: tl.constexpr):
 def _adaptive_sample_kernel(
     logits_ptr, stats_ptr, seed_ptr, row_ids_ptr,
     tokens_ptr, temperature_ptr, logp_ptr, entropy_ptr,
-    vocab, inner_rows, stride_outer, stride_inner, base_temperature, tau,
+    vocab, inner_rows, stride_outer, stride_inner, base_temperature, tau, eps,
     HAS_STATS: tl.constexpr, PAPER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = _row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    row_ptr = row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
 
-    # Pass 1: T = 1 entropy (the log-prob kernel's accumulation), then the row's temperature.
-    _, scale_1 = _row_scales(stats_ptr, row, 1.0, False)
-    max_1, rest_1, spread_1 = _row_statistics(row_ptr, vocab, scale_1, BLOCK_V)
-    entropy, _ = _entropy_from_statistics(max_1, rest_1, spread_1)
-    no_finite_logit = max_1 <= -1.0e30
-    temperature = _adaptive_temperature(entropy, stats_ptr, base_temperature, tau, HAS_STATS,
-                                        PAPER)
+    # Pass 1: the T = 1 entropy (the log-prob kernel's statistics), then the row's temperature.
+    row_max, rest_1, spread_1 = row_statistics(row_ptr, vocab, LOG2E, BLOCK_V)
+    _, entropy, _ = finish_row(row_max, rest_1, spread_1, row_max, 1.0)
+    temperature = _adaptive_temperature(entropy, stats_ptr, base_temperature, tau, eps,
+                                        HAS_STATS, PAPER)
 
-    # Pass 2: Gumbel-max at T and the log-sum-exp at T, from the same loads.
+    # Pass 2: Gumbel-max at T and the normaliser at T, from the same loads; the statistics
+    # accumulate exactly as the log-prob kernel's do, so logp is bitwise its value at T.
     inv_t = 1.0 / temperature
-    scale = inv_t * 1.4426950408889634
+    scale = inv_t * LOG2E
     seed = tl.load(seed_ptr)
     row_id = tl.load(row_ids_ptr + row).to(tl.int64)
     row_lo = (row_id & 0xFFFFFFFF).to(tl.uint32)
     row_hi = ((row_id >> 32) & 0xFFFFFFFF).to(tl.uint32)
     lanes = tl.arange(0, BLOCK_V)
-    row_max = tl.full([], -1.0e30, tl.float32)
+    running_max = tl.full([], NEG_LARGE, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
     spread = tl.zeros([BLOCK_V], tl.float32)
     ties = tl.zeros([BLOCK_V], tl.float32)
@@ -111,38 +109,42 @@ def _adaptive_sample_kernel(
     best_index = tl.zeros([BLOCK_V], tl.int32)
     z_next = tl.load(row_ptr + lanes, mask=lanes < vocab, other=float("-inf"))
     for start in range(0, vocab, BLOCK_V):
-        z = z_next
+        z = saturate(z_next)
         offsets = start + BLOCK_V + lanes
         z_next = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
-        s = _scaled(z, scale)
-        row_max, rest, spread, ties = _accumulate_block(s, row_max, rest, spread, ties)
+        running_max, rest, spread, ties = accumulate_block(z, scale, running_max, rest, spread,
+                                                           ties)
         log2_e = _exponential_log2(_random_bits(seed, start, row_lo, row_hi, BLOCK_V))
-        key = tl.where(s <= -1.0e30, float("-inf"), s - log2_e)
+        key = tl.where(z <= NEG_LARGE, float("-inf"), (z - row_max) * scale - log2_e)
         better = key > best_key
         best_key = tl.where(better, key, best_key)
         best_index = tl.where(better, start + lanes, best_index)
     top = tl.max(best_key, axis=0)
     token = tl.min(tl.where(best_key == top, best_index, 2147483647), axis=0).to(tl.int64)
-    log_norm = _log1p(tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0))
-    s_token = _scaled(tl.load(row_ptr + token), scale)
-    logp = (s_token - row_max) * 0.6931471805599453 - log_norm
+    rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
+    logp, _, _ = finish_row(running_max, rest_total, tl.sum(spread, axis=0),
+                            saturate(tl.load(row_ptr + token)), inv_t)
 
+    # A row with no distribution (all -inf) or a NaN logit: token 0 and NaN elsewhere, as
+    # the torch path (sampling.py) documents.
+    undefined = entropy != entropy
     nan = float("nan")
-    tl.store(tokens_ptr + row, tl.where(no_finite_logit, 0, token))
-    tl.store(temperature_ptr + row, tl.where(no_finite_logit, nan, temperature))
-    tl.store(logp_ptr + row, tl.where(no_finite_logit, nan, logp))
-    tl.store(entropy_ptr + row, tl.where(no_finite_logit, nan, entropy))
+    tl.store(tokens_ptr + row, tl.where(undefined, 0, token))
+    tl.store(temperature_ptr + row, tl.where(undefined, nan, temperature))
+    tl.store(logp_ptr + row, tl.where(undefined, nan, logp))
+    tl.store(entropy_ptr + row, entropy)
 
 
 def adaptive_sample_forward(logits: torch.Tensor, stats: torch.Tensor | None,
                             seed: torch.Tensor, row_ids: torch.Tensor, *,
-                            base_temperature: float, tau: float, paper: bool,
+                            base_temperature: float, tau: float, paper: bool, eps: float,
                             config: KernelConfig | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens int64, temperature, logp, entropy float32), each (B,), from logits (B, V).
 
     stats: None or (3,) float32 (pivot, log_max, log_min) on the logits' device; seed: (1,)
-    int64 on that device (read in-kernel: no host sync); row_ids: (B,) int64 RNG row identities.
+    int64 on that device (read in-kernel: no host sync); row_ids: (B,) int64 RNG row
+    identities; eps: the floor of H and of the scales in ĥ (``normalized_entropy``'s eps).
     """
     logits, layout = addressable_rows(logits)
     n_rows, vocab = logits.shape
@@ -150,12 +152,14 @@ def adaptive_sample_forward(logits: torch.Tensor, stats: torch.Tensor | None,
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
     temperature, logp, entropy = (torch.empty(n_rows, dtype=torch.float32, device=device)
                                   for _ in range(3))
-    config = config or pick_config(vocab, logits.dtype)
+    if n_rows == 0:
+        return tokens, temperature, logp, entropy
+    config = config or pick_config(vocab, logits.dtype, "sample")
     _adaptive_sample_kernel[(n_rows,)](
         logits, stats if stats is not None else temperature, seed, row_ids,
         tokens, temperature, logp, entropy,
         vocab, layout.inner_rows, layout.stride_outer, layout.stride_inner,
-        float(base_temperature), float(tau),
+        float(base_temperature), float(tau), float(eps),
         HAS_STATS=stats is not None, PAPER=paper, BLOCK_V=config.block_v,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,6 +1,6 @@
-"""Tests for the advantage ops (SPEC sections 4 and 7).
+"""Tests for the advantage ops (formulas, vectorisation, bad input).
 
-References below follow the SPEC formulas literally, in float64, with plain Python
+References below follow the formulas literally, in float64, with plain Python
 loops over groups and rows.
 """
 
@@ -438,7 +438,7 @@ def test_redistribute_has_no_gradient():
     assert not out.requires_grad
 
 
-# --------------------------------------------------------------------------- bad input (SPEC 7)
+# --------------------------------------------------------------------------- bad input
 
 
 def _adv_inputs():

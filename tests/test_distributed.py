@@ -1,71 +1,22 @@
-"""Tensor- and data-parallel ops against the single-process result (SPEC §6).
+"""Tensor- and data-parallel ops against the single-process result.
 
-Each test spawns a gloo process group on CPU (world sizes 2 and 3); every rank computes its
-part and returns tensors to the parent, which compares them with the single-process op on
-the whole batch. Many checks share one spawned group: starting one costs seconds.
+Each test runs on a gloo process group on CPU (world sizes 2 and 3, one group per world size
+for the whole session: ``distributed_harness``); every rank computes its part and returns
+tensors to the parent, which compares them with the single-process op on the whole batch.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hapo_ops
-from hapo_ops.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
-from hapo_ops.token_stats import triton_available
+from conftest import INTERPRETING
+from distributed_harness import run_ranks
+from hapo_ops.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
 
-TIMEOUT_S = 180
-IMPLS = ["torch"] + (["triton"] if triton_available()
-                     and os.environ.get("TRITON_INTERPRET") == "1" else [])
-
-
-# ------------------------------------------------------------------------------ harness
-
-def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
-    try:
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported here
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world)
-        result = fn(rank, world, *args)
-        dist.barrier()
-        dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    except BaseException:  # noqa: BLE001 - report every failure to the parent
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise SystemExit(1)
-
-
-def run_ranks(fn, world: int, *args) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; their return values."""
-    context = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [context.Process(target=_entry, args=(r, world, init_file, tmp, fn, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT_S)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        errors = [open(os.path.join(tmp, f"{r}.err")).read() for r in range(world)
-                  if os.path.exists(os.path.join(tmp, f"{r}.err"))]
-        if hung or errors:
-            pytest.fail(f"ranks {hung} timed out after {TIMEOUT_S} s; errors:\n"
-                        + "\n".join(errors))
-        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False)  # our own files
-                for r in range(world)]
+IMPLS = ["torch"] + (["triton"] if INTERPRETING else [])
 
 
 # ------------------------------------------------------------------------------ TP
@@ -332,32 +283,28 @@ def _linear_tp_inputs(sizes: list[int]):
 
 
 def _linear_tp_variants():
-    """(name, impl, Triton backward strategy) run by every rank."""
-    out = [("torch", "torch", None)]
+    """(name, impl, block sizes) run by every rank: several blocks in every shard (torch),
+    dz buffers of 4 tokens or of all of them (Triton)."""
+    out = [("torch", "torch", {"chunk_tokens": 4, "chunk_vocab": 6})]
     if "triton" in IMPLS:
-        out += [("triton-chunked", "triton", "chunked"), ("triton-fused", "triton", "fused")]
+        out += [("triton-dz4", "triton", {"chunk_tokens": 4}), ("triton", "triton", {})]
     return out
 
 
 def _linear_tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
-    from hapo_ops import linear
-    linear.TOKEN_CHUNK, linear.VOCAB_CHUNK = 4, 6      # several chunks in every shard
     group = dist.group.WORLD
     hidden, weight, bias, labels, temperature, w_logp, w_entropy = _linear_tp_inputs(sizes)
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
     vocab_start = start if pass_start else None
     out = {}
-    for name, impl, backward in _linear_tp_variants():
-        if backward is not None:
-            from hapo_ops.kernels import linear_logprob_entropy as kernels
-            kernels.BACKWARD, kernels.DZ_CHUNK_BYTES = backward, 1   # one token tile a chunk
+    for name, impl, blocks in _linear_tp_variants():
         h = hidden.clone().requires_grad_(True)
         w = weight[rows].clone().requires_grad_(True)
         b = bias[rows].clone().requires_grad_(True)
         logp, entropy = hapo_ops.linear_logprobs_and_entropy(
             h, w, labels, bias=b, temperature=temperature, impl=impl, tp_group=group,
-            vocab_start=vocab_start)
+            vocab_start=vocab_start, **blocks)
         (w_logp * logp + w_entropy * entropy).sum().backward()
         out[name] = (logp.detach(), entropy.detach(), h.grad, w.grad, b.grad)
         # The entropy gradient alone, a scalar temperature, no bias, hidden without gradient
@@ -365,7 +312,7 @@ def _linear_tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool)
         w2 = weight[rows].clone().requires_grad_(True)
         _, entropy2 = hapo_ops.linear_logprobs_and_entropy(
             hidden, w2, labels, temperature=0.7, impl=impl, tp_group=group,
-            vocab_start=vocab_start)
+            vocab_start=vocab_start, **blocks)
         (w_entropy * entropy2).sum().backward()
         out[name + "-entropy-only"] = (entropy2.detach(), w2.grad)
     # Labels held by no shard raise on every rank (after the all-reduce: no rank hangs).

@@ -1,6 +1,6 @@
-"""Tests for the HAPO entropy signal (SPEC sections 2, 3 and 7).
+"""Tests for the HAPO entropy signal, the adaptive temperature and their bad input.
 
-Every op is checked against a small, plain float64 reference written from the SPEC
+Every op is checked against a small, plain float64 reference written from the formulas
 formulas below (Python lists / loops, no cleverness), plus properties and bad input.
 """
 
@@ -37,7 +37,7 @@ def ref_stats(entropy, mask, quantile=0.8, eps=EPS):
 
 
 def ref_h_hat(entropy, pivot, log_max, log_min, variant="paper", eps=EPS, n_valid=1):
-    """SPEC section 2, elementwise, float64."""
+    """The formulas of normalized_entropy, elementwise, float64."""
     flat = entropy.detach().double().reshape(-1).tolist()
     out = []
     for x in flat:
@@ -60,7 +60,7 @@ def stats_values(stats):
 
 
 def tol(dtype):
-    # The SPEC does not fix the dtype of EntropyStats; the tolerance for float64 entropy
+    # Nothing fixes the dtype of EntropyStats; the tolerance for float64 entropy
     # admits stats kept in float32 (|m| <= ~20 -> half an ulp ~1e-6, denominators >= 0.5).
     # Tokens whose l equals the pivot, max or min are still required to map exactly.
     return 2e-5 if dtype == torch.float32 else 5e-6
@@ -197,7 +197,7 @@ def test_no_valid_tokens_gives_pivot_zero_and_h_hat_zero(mask_dtype):
 
 @pytest.mark.slow
 def test_entropy_stats_quantile_beyond_2_pow_24_elements():
-    """torch.quantile refuses inputs past 2**24 elements; the SPEC puts no limit on n."""
+    """torch.quantile refuses inputs past 2**24 elements; hapo-ops puts no limit on n."""
     n_valid = 2**24 + 4097
     q = 0.8
     k = round(q * (n_valid - 1)) + 1
@@ -336,14 +336,14 @@ def test_adaptive_temperature_defaults_and_worked_example():
 
 
 def test_adaptive_temperature_without_stats_is_base():
-    # SPEC section 3: "the first step has none (T = T_base)".
+    # The first rollout has no training batch yet: T = T_base.
     entropy = torch.tensor([0.1, 1.0, 3.0])
     t = adaptive_temperature(entropy, None, base_temperature=0.8)
     t = torch.as_tensor(t, dtype=torch.float64).expand(entropy.shape)
     torch.testing.assert_close(t, torch.full((3,), 0.8, dtype=torch.float64))
 
 
-# --------------------------------------------------------------------------- bad input (SPEC 7)
+# --------------------------------------------------------------------------- bad input
 
 BAD = (ValueError, TypeError)
 

@@ -1,6 +1,6 @@
-"""Tests for clipping and the policy losses (SPEC sections 2, 4, 5 and 7).
+"""Tests for clipping, the policy losses and their bad input.
 
-References below follow the SPEC formulas literally, in float64; gradients are those of
+References below follow the formulas literally, in float64; gradients are those of
 float64 autograd through the reference.
 """
 
@@ -515,8 +515,8 @@ def test_hapo_policy_loss_matches_reference(batch, variant, eps, alpha, beta, qu
     out, loss, grad = run_impl(hapo_policy_loss, lp, old, adv, entropy, mask, stats=stats, **kw)
     want, want_tok, want_grad = run_ref(ref_hapo, lp, old, adv, entropy, mask, stats_values=stats_values, **kw)
     assert loss.dim() == 0
-    # l = ln H and h_hat may be computed in float32 whatever the input dtype (the SPEC fixes
-    # no precision for them, and entropy comes out of section 1 in float32 anyway): compare
+    # l = ln H and h_hat may be computed in float32 whatever the input dtype (nothing fixes
+    # their precision, and the log-prob/entropy op returns float32 anyway): compare
     # at float32 tolerance. Exactness in float64 is checked where h_hat can not matter
     # (test_hapo_with_alpha_beta_zero_equals_clipped_loss).
     tdt = torch.float32
@@ -617,7 +617,7 @@ def test_hapo_no_gradient_through_entropy_or_advantages():
     assert lp.grad is not None
     assert entropy.grad is None or torch.all(entropy.grad == 0)
     # the advantages enter the loss linearly, but only through the redistributed values
-    # computed under no-grad: the SPEC puts no gradient requirement on them beyond finiteness
+    # computed under no-grad: nothing puts a gradient requirement on them beyond finiteness
     assert adv.grad is None or torch.isfinite(adv.grad).all()
 
 
@@ -631,7 +631,7 @@ def test_hapo_no_valid_tokens_is_finite():
     assert torch.all(lp.grad == 0)
 
 
-# --------------------------------------------------------------------------- bad input (SPEC 7)
+# --------------------------------------------------------------------------- bad input
 
 
 def _loss_inputs():

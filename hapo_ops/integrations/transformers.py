@@ -1,4 +1,4 @@
-"""HAPO adaptive temperature inside Hugging Face ``model.generate`` (SPEC §3).
+"""HAPO adaptive temperature inside Hugging Face ``model.generate``.
 
 Source: HAPO, arXiv 2509.16591, §3.1. At every decoding step each row's scores are divided by
 T_row = T_base·(1 + τ·ĥ_row), ĥ from the entropy of that row's scores (the raw next-token
@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 from hapo_ops._validation import check_float, check_variant
 from hapo_ops.entropy_signal import EntropyStats
 from hapo_ops.temperature import adaptive_temperature
-from hapo_ops.token_stats import token_entropy
+from hapo_ops.logprob_entropy import token_entropy
 
 
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):

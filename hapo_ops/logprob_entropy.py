@@ -1,0 +1,470 @@
+"""Per-token log-probability and entropy straight from logits, whole or one vocabulary shard.
+
+    logp = z_y/T - logsumexp(z/T),   H = logsumexp(z/T) - Σ_v softmax(z/T)_v · z_v/T,
+    ∂logp/∂z_v = (1[v=y] - p_v)/T,   ∂H/∂z_v = -p_v (log p_v + H)/T.
+
+Both come from the per-row statistics of ``hapo_ops.row_statistics`` (exact for
+near-deterministic rows, where ``logsumexp - E[z/T]`` cancels in fp32). Two paths share this
+contract: ``impl="torch"`` (blocks of rows in PyTorch, bounded memory, any device) and
+``impl="triton"`` (``hapo_ops.kernels.logprob_entropy``: one read of the logits forward, one
+read and one write backward); ``impl="auto"`` takes Triton on CUDA.
+
+Unsharded, both run inside the ``hapo_ops::logprobs_entropy`` custom op (with fake kernels
+and registered autograd), so ``torch.compile(fullgraph=True)`` traces through them.
+
+Vocabulary (tensor) parallel (``tp_group``): the logits are this rank's contiguous slice of
+the vocabulary. Each rank reduces its slice to raw per-row statistics, which
+``row_statistics.combine_vocab_shards`` combines exactly with one all-reduce MAX of N and one
+all-reduce SUM of 5·N float32 values (24 bytes per token, independent of V); the backward
+needs no communication: each shard's gradient is the unsharded formula with the global
+state, and the +g_lp term only on the shard that holds the label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hapo_ops._validation import check_tensor
+from hapo_ops.collectives import ProcessGroup, exclusive_prefix_sum
+from hapo_ops.row_statistics import (RowStatistics, block_statistics, combine_vocab_shards,
+                                     finish, label_logits, log_probabilities, mask_logprobs,
+                                     saturate, shard_labels, softmax_gradient)
+from hapo_ops.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
+                                   checks_values, inverse_temperature, prepare_temperature,
+                                   resolve_impl)
+
+# Logits per block of the torch path: about 1M on CPU (three fp32 temporaries of 4 MiB,
+# well under a quarter of any realistic logits tensor), 16M on accelerators (fewer launches).
+CPU_BLOCK_ELEMENTS = 1 << 20
+DEVICE_BLOCK_ELEMENTS = 1 << 24
+
+
+def default_chunk_tokens(vocab: int, device: torch.device) -> int:
+    """Rows per block of the torch path when ``chunk_tokens`` is not given."""
+    elements = CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    return max(1, elements // max(vocab, 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Torch path: blocks of rows, each reduced with the algebra of hapo_ops.row_statistics.
+# ---------------------------------------------------------------------------------------
+
+def row_blocks(logits: torch.Tensor, chunk_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, (n, V) view) blocks covering the rows of ``logits`` (..., V) in order.
+
+    Views, never copies, so that an in-place backward writes into the caller's buffer:
+    leading dims that cannot be flattened into one (a slice such as ``logits[:, :-1]``) are
+    walked one index of the first dim at a time.
+    """
+    vocab = logits.shape[-1]
+    try:
+        rows = logits.view(-1, vocab)
+    except RuntimeError:
+        per_index = logits[0].numel() // max(vocab, 1) if logits.shape[0] else 0
+        for index in range(logits.shape[0]):
+            for start, block in row_blocks(logits[index], chunk_tokens):
+                yield index * per_index + start, block
+        return
+    for start in range(0, rows.shape[0], chunk_tokens):
+        yield start, rows[start:start + chunk_tokens]
+
+
+def torch_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
+                  ignore_index: int, chunk_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, H, state) flat float32, state (N, 2) = (M, log1p(rest)), block by block."""
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logp)
+    state = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
+    for start, block in row_blocks(logits, chunk_tokens):
+        rows = slice(start, start + block.shape[0])
+        stats = _block_row_statistics(block, labels[rows], inv_temperature[rows])
+        logp[rows], entropy[rows], state[rows] = finish(stats, inv_temperature[rows])
+    logp, _ = mask_logprobs(logp, labels, (labels >= 0) & (labels < vocab), ignore_index)
+    return logp, entropy, state
+
+
+def _block_row_statistics(block: torch.Tensor, labels: torch.Tensor,
+                          inv_temperature: torch.Tensor) -> RowStatistics:
+    z = saturate(block)
+    row_max, rest, spread = block_statistics(z, inv_temperature)
+    return RowStatistics(row_max, rest, spread, label_logits(z, labels))
+
+
+def torch_row_statistics(logits: torch.Tensor, labels: torch.Tensor,
+                         inv_temperature: torch.Tensor, chunk_tokens: int) -> RowStatistics:
+    """Raw float32 statistics of every row (a vocabulary shard's contribution)."""
+    n_rows = labels.numel()
+    columns = torch.empty((n_rows, 4), dtype=torch.float32, device=logits.device)
+    for start, block in row_blocks(logits, chunk_tokens):
+        rows = slice(start, start + block.shape[0])
+        columns[rows] = _block_row_statistics(block, labels[rows], inv_temperature[rows]).stacked()
+    return RowStatistics.from_columns(columns)
+
+
+def torch_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
+                   state: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor | None,
+                   grad_entropy: torch.Tensor | None, ignore_index: int, chunk_tokens: int, *,
+                   inplace: bool, sharded: bool = False) -> torch.Tensor:
+    """∂L/∂z, block by block, into a new tensor or (``inplace``) over ``logits`` itself.
+
+    ``sharded``: the rows are one vocabulary shard, ``labels`` shard-local and ``grad_logp``
+    already zero where logp has no gradient: -g_lp·p_v applies to every row, +g_lp at the
+    label only where it lies in this shard.
+    """
+    vocab = logits.shape[-1]
+    out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
+                                             device=logits.device)
+    in_shard = (labels >= 0) & (labels < vocab)
+    if grad_logp is not None and not sharded:
+        grad_logp = torch.where(in_shard & (labels != ignore_index), grad_logp, 0.0)
+    label_weight = None if grad_logp is None else torch.where(in_shard, grad_logp, 0.0)
+    label_index = labels.clamp(0, max(vocab - 1, 0))
+    out_blocks = row_blocks(out, chunk_tokens)
+    for start, block in row_blocks(logits, chunk_tokens):
+        _, out_block = next(out_blocks)
+        rows = slice(start, start + block.shape[0])
+        log_p = log_probabilities(saturate(block), state[rows], inv_temperature[rows])
+        grad = softmax_gradient(
+            log_p, entropy[rows], None if grad_logp is None else grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows], label_index[rows],
+            None if label_weight is None else label_weight[rows], inv_temperature[rows])
+        out_block.copy_(grad)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch to the two paths
+# ---------------------------------------------------------------------------------------
+
+def _forward(logits, labels, temperature, scalar_temperature, ignore_index, impl, chunk_tokens):
+    if impl == "triton":
+        from hapo_ops.kernels.logprob_entropy import logprob_entropy_forward
+        return logprob_entropy_forward(logits, labels, temperature, scalar_temperature,
+                                       ignore_index)
+    inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
+    return torch_forward(logits, labels, inv_t, ignore_index, chunk_tokens)
+
+
+def _row_statistics(logits, labels, temperature, scalar_temperature, impl, chunk_tokens
+                    ) -> RowStatistics:
+    if impl == "triton":
+        from hapo_ops.kernels.logprob_entropy import logprob_entropy_row_statistics
+        return RowStatistics.from_columns(logprob_entropy_row_statistics(
+            logits, labels, temperature, scalar_temperature))
+    inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
+    return torch_row_statistics(logits, labels, inv_t, chunk_tokens)
+
+
+def _backward(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp,
+              grad_entropy, ignore_index, impl, chunk_tokens, *, inplace, sharded=False):
+    if impl == "triton":
+        from hapo_ops.kernels.logprob_entropy import logprob_entropy_backward
+        return logprob_entropy_backward(logits, labels, temperature, scalar_temperature, state,
+                                        entropy, grad_logp, grad_entropy, ignore_index,
+                                        inplace=inplace, sharded=sharded)
+    inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
+    return torch_backward(logits, labels, inv_t, state, entropy, grad_logp, grad_entropy,
+                          ignore_index, chunk_tokens, inplace=inplace, sharded=sharded)
+
+
+def _flat_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.reshape(-1).to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Unsharded: custom ops, one autograd home for both paths, visible to torch.compile.
+# ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("hapo_ops::logprobs_entropy", mutates_args=())
+def _logprobs_entropy_op(logits: torch.Tensor, labels: torch.Tensor,
+                         temperature: torch.Tensor | None, scalar_temperature: float,
+                         ignore_index: int, impl: str, inplace_backward: bool,
+                         chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logp, entropy, state = _forward(logits, labels, temperature, scalar_temperature,
+                                    ignore_index, impl, chunk_tokens)
+    token_shape = logits.shape[:-1]
+    return logp.view(token_shape), entropy.view(token_shape), state
+
+
+@_logprobs_entropy_op.register_fake
+def _(logits, labels, temperature, scalar_temperature, ignore_index, impl, inplace_backward,
+      chunk_tokens):
+    token_shape = logits.shape[:-1]
+    new = logits.new_empty
+    return (new(token_shape, dtype=torch.float32), new(token_shape, dtype=torch.float32),
+            new((labels.numel(), 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("hapo_ops::logprobs_entropy_backward", mutates_args=())
+def _logprobs_entropy_backward_op(logits: torch.Tensor, labels: torch.Tensor,
+                                  temperature: torch.Tensor | None, scalar_temperature: float,
+                                  state: torch.Tensor, entropy: torch.Tensor,
+                                  grad_logp: torch.Tensor | None,
+                                  grad_entropy: torch.Tensor | None, ignore_index: int,
+                                  impl: str, chunk_tokens: int) -> torch.Tensor:
+    return _backward(logits, labels, temperature, scalar_temperature, state, entropy,
+                     grad_logp, grad_entropy, ignore_index, impl, chunk_tokens, inplace=False)
+
+
+@_logprobs_entropy_backward_op.register_fake
+def _(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp, grad_entropy,
+      ignore_index, impl, chunk_tokens):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("hapo_ops::logprobs_entropy_backward_", mutates_args=("logits",))
+def _logprobs_entropy_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor,
+                                          temperature: torch.Tensor | None,
+                                          scalar_temperature: float, state: torch.Tensor,
+                                          entropy: torch.Tensor, grad_logp: torch.Tensor | None,
+                                          grad_entropy: torch.Tensor | None, ignore_index: int,
+                                          impl: str, chunk_tokens: int) -> None:
+    _backward(logits, labels, temperature, scalar_temperature, state, entropy, grad_logp,
+              grad_entropy, ignore_index, impl, chunk_tokens, inplace=True)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, scalar_temperature, ignore_index, impl, inplace, chunk = inputs
+    _, entropy, state = output
+    ctx.save_for_backward(logits, labels, temperature, state, entropy)
+    ctx.scalar_temperature, ctx.ignore_index = scalar_temperature, ignore_index
+    ctx.impl, ctx.inplace, ctx.chunk_tokens = impl, inplace, chunk
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(state)
+
+
+def _op_backward(ctx, grad_logp, grad_entropy, grad_state):
+    logits, labels, temperature, state, entropy = ctx.saved_tensors
+    grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 8
+    args = (logits, labels, temperature, ctx.scalar_temperature, state, entropy.reshape(-1),
+            grad_logp, grad_entropy, ctx.ignore_index, ctx.impl, ctx.chunk_tokens)
+    if ctx.inplace:
+        _logprobs_entropy_backward_inplace_op(*args)
+        grad = logits
+    else:
+        grad = _logprobs_entropy_backward_op(*args)
+    return (grad,) + (None,) * 7
+
+
+_logprobs_entropy_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary shards
+# ---------------------------------------------------------------------------------------
+
+class _VocabParallelLogprobsEntropy(torch.autograd.Function):
+    """Forward: shard statistics → all-reduces → (logp, H). Backward: local, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, local_labels, has_label, temperature, scalar_temperature,
+                ignore_index, impl, inplace, chunk_tokens, group, check_found):
+        stats = _row_statistics(logits, local_labels, temperature, scalar_temperature, impl,
+                                chunk_tokens)
+        inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(),
+                                    logits.device)
+        logp, entropy, state, logp_ok = combine_vocab_shards(
+            stats, labels, has_label, inv_t, ignore_index, group, check_found=check_found)
+        ctx.save_for_backward(logits, local_labels, logp_ok, temperature, state, entropy)
+        ctx.scalar_temperature, ctx.ignore_index = scalar_temperature, ignore_index
+        ctx.impl, ctx.inplace, ctx.chunk_tokens = impl, inplace, chunk_tokens
+        ctx.set_materialize_grads(False)
+        token_shape = logits.shape[:-1]
+        return logp.view(token_shape), entropy.view(token_shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, local_labels, logp_ok, temperature, state, entropy = ctx.saved_tensors
+        none = (None,) * 11
+        if grad_logp is None and grad_entropy is None:
+            return (None,) + none
+        grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+        if grad_logp is not None:
+            grad_logp = torch.where(logp_ok, grad_logp, 0.0)
+        grad = _backward(logits, local_labels, temperature, ctx.scalar_temperature, state,
+                         entropy, grad_logp, grad_entropy, ctx.ignore_index, ctx.impl,
+                         ctx.chunk_tokens, inplace=ctx.inplace, sharded=True)
+        return (grad,) + none
+
+
+def check_tp_group(tp_group: object) -> ProcessGroup:
+    if not isinstance(tp_group, ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, "
+                        f"got {type(tp_group).__name__}")
+    return tp_group
+
+
+def shard_vocab_start(vocab_start: object, shard_size: int, tp_group: ProcessGroup,
+                      device: torch.device) -> int | torch.Tensor:
+    """The global id of this shard's first entry: ``vocab_start`` checked (an int ≥ 0 or a
+    0-d integer tensor), or, when None, the sum of the lower ranks' shard sizes (one
+    all-gather of one int per rank, no host read)."""
+    if vocab_start is None:
+        return exclusive_prefix_sum(shard_size, tp_group, device)
+    if isinstance(vocab_start, torch.Tensor):
+        check_tensor("vocab_start", vocab_start, integer=True)
+        if vocab_start.numel() != 1:
+            raise ValueError(f"vocab_start must be an int or a 0-d tensor, got shape "
+                             f"{tuple(vocab_start.shape)}")
+        return vocab_start.reshape(()).to(device)
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+        raise TypeError(f"vocab_start must be an int or an integer tensor, "
+                        f"got {type(vocab_start).__name__}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    return vocab_start
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def _check_logits(logits: object) -> torch.Tensor:
+    logits = check_tensor("logits", logits, floating=True)
+    if logits.dim() < 1:
+        raise ValueError("logits must have shape (..., V), got a 0-d tensor")
+    return logits
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
+                         temperature: float | torch.Tensor = 1.0, ignore_index: int = -100,
+                         impl: str = "auto", inplace_backward: bool = False,
+                         validate: bool = False, tp_group: ProcessGroup | None = None,
+                         vocab_start: int | torch.Tensor | None = None,
+                         chunk_tokens: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of ``labels`` and Shannon entropy (nats) of softmax(logits / T).
+
+    logp = z_y/T - logsumexp(z/T);  H = logsumexp(z/T) - Σ_v softmax(z/T)_v · z_v/T.
+
+    Args:
+      logits: (..., V), any float dtype, any leading shape; the last dim should be contiguous.
+        Math in float32. -inf entries have probability 0; +inf entries share all the mass
+        (the limit of those logits growing together: one +inf entry gives logp 0 there,
+        -inf elsewhere, and H = 0); a NaN logit makes its row's results NaN; a row with no
+        finite or +inf entry has no distribution and gives NaN.
+      labels: (...) integer token ids, or None (entropy only). Positions equal to
+        ``ignore_index`` give logp 0 and no logp gradient (their entropy is still computed).
+        Labels outside [0, V) raise on CPU and with ``validate=True``; otherwise their logp
+        is NaN (never an out-of-bounds read).
+      temperature: a float, or a tensor broadcastable to the token shape (per-token T). No
+        gradient flows to it.
+      impl: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+      inplace_backward: write ∂L/∂logits into the logits buffer instead of a new N×V tensor.
+        Safe only when nothing else reads these logits after this op's backward (the usual
+        ``logits = lm_head(h)`` → this op); autograd raises if another op saved them. For a
+        slice such as ``logits[:, :-1]`` autograd allocates a gradient of the whole base
+        tensor anyway, so in place saves nothing there (it still works).
+      validate: check label and temperature values (a host read) off CPU too.
+      tp_group: a ``torch.distributed`` process group over which the vocabulary is split
+        (tensor parallel): ``logits`` is then this rank's contiguous slice of the vocabulary,
+        in rank order (slices may differ in size), and ``labels`` are global token ids.
+        Results and gradients equal the unsharded op's; each call all-reduces 6 float32
+        values per token, never the logits. The upstream gradients must be the same on
+        every rank of the group (a replicated loss). Not traced by ``torch.compile``.
+      vocab_start: the global id of this shard's first entry (int or 0-d integer tensor).
+        Default: the sum of the lower ranks' shard sizes, one tiny all-gather per call.
+      chunk_tokens: rows per block of the torch path (default: about 1M logits per block on
+        CPU, 16M on accelerators); smaller blocks use less memory, larger ones fewer steps.
+    Returns:
+      (logprobs, entropy), float32, shape logits.shape[:-1]. Both are differentiable.
+
+    Examples:
+      >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
+      >>> logp, entropy = logprobs_and_entropy(logits, torch.tensor([0]))
+      >>> logp  # log softmax(z)[0]
+      tensor([-0.1698])
+
+    References:
+      HAPO, arXiv 2509.16591 (§3: the entropy signal takes ln H, so near-deterministic
+      tokens need relative, not absolute, precision).
+    """
+    logits = _check_logits(logits)
+    vocab, token_shape = logits.shape[-1], logits.shape[:-1]
+    ignore_index = check_ignore_index(ignore_index)
+    chunk_tokens = check_chunk("chunk_tokens", chunk_tokens)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(vocab, logits.device)
+    no_labels = labels is None
+    if no_labels:
+        labels = torch.full(token_shape, ignore_index, dtype=torch.int64, device=logits.device)
+    check_values = checks_values(logits, validate)
+    flat_labels = check_token_labels(labels, token_shape, vocab, ignore_index, logits.device,
+                                     source="logits",
+                                     check_range=check_values and tp_group is None)
+    t_tensor, t_scalar = prepare_temperature(temperature, token_shape, logits.device,
+                                             source="logits", check_values=check_values)
+    impl = resolve_impl(impl, logits)
+    if tp_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is only meaningful with tp_group; got tp_group=None")
+        logp, entropy, _ = _logprobs_entropy_op(logits, flat_labels, t_tensor, t_scalar,
+                                                ignore_index, impl, bool(inplace_backward),
+                                                chunk_tokens)
+        return logp, entropy
+    check_tp_group(tp_group)
+    # With no labels no shard holds one, and the shard offset is not needed.
+    start = 0 if no_labels else shard_vocab_start(vocab_start, vocab, tp_group, logits.device)
+    local, has_label = shard_labels(flat_labels, vocab, ignore_index, start)
+    return _VocabParallelLogprobsEntropy.apply(
+        logits, flat_labels, local, has_label, t_tensor, t_scalar, ignore_index, impl,
+        bool(inplace_backward), chunk_tokens, tp_group, check_values and not no_labels)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
+                   temperature: float | torch.Tensor = 1.0, ignore_index: int = -100,
+                   impl: str = "auto", inplace_backward: bool = False,
+                   validate: bool = False, tp_group: ProcessGroup | None = None,
+                   vocab_start: int | torch.Tensor | None = None,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
+    """logp = z_y/T - logsumexp(z/T) per token (see :func:`logprobs_and_entropy`)."""
+    return logprobs_and_entropy(logits, labels, temperature=temperature,
+                                ignore_index=ignore_index, impl=impl,
+                                inplace_backward=inplace_backward, validate=validate,
+                                tp_group=tp_group, vocab_start=vocab_start,
+                                chunk_tokens=chunk_tokens)[0]
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
+                  impl: str = "auto", inplace_backward: bool = False,
+                  validate: bool = False, tp_group: ProcessGroup | None = None,
+                  chunk_tokens: int | None = None) -> torch.Tensor:
+    """H = logsumexp(z/T) - Σ_v softmax(z/T)_v · z_v/T per token, float32, exact for H ≪ 1e-6
+    (see :func:`logprobs_and_entropy`; ``tp_group`` for a vocabulary-parallel shard)."""
+    return logprobs_and_entropy(logits, None, temperature=temperature, impl=impl,
+                                inplace_backward=inplace_backward, validate=validate,
+                                tp_group=tp_group, chunk_tokens=chunk_tokens)[1]
+
+
+def vocab_parallel_logprobs_and_entropy(
+        logits: torch.Tensor, labels: torch.Tensor | None, tp_group: ProcessGroup, *,
+        vocab_start: int | torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0,
+        ignore_index: int = -100, impl: str = "auto", inplace_backward: bool = False,
+        validate: bool = False, chunk_tokens: int | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logprobs_and_entropy` of a vocabulary shard: ``logits`` (..., V_r) is this rank's
+    contiguous slice [vocab_start, vocab_start + V_r) of the vocabulary, ``labels`` global
+    ids. Returns the unsharded op's (logp, H) on every rank, differentiable in both (the
+    gradient is this shard's slice of the unsharded gradient).
+
+    Communication: all-reduce MAX of N float32, all-reduce SUM of 5·N float32 (plus, without
+    ``vocab_start``, one all-gather of one int per rank). Labels held by no shard raise on
+    CPU and with ``validate=True`` (after the all-reduce, so every rank raises); otherwise
+    their logp is NaN.
+    """
+    return logprobs_and_entropy(logits, labels, temperature=temperature,
+                                ignore_index=ignore_index, impl=impl,
+                                inplace_backward=inplace_backward, validate=validate,
+                                tp_group=check_tp_group(tp_group), vocab_start=vocab_start,
+                                chunk_tokens=chunk_tokens)
+
+
+__all__ = ["check_tp_group", "default_chunk_tokens", "logprobs_and_entropy", "row_blocks",
+           "shard_vocab_start", "token_entropy", "token_logprobs",
+           "vocab_parallel_logprobs_and_entropy"]
