@@ -19,13 +19,13 @@ from benchmarks.rl import loop, report, task
 from benchmarks.rl.methods import METHODS, method_by_name
 
 TINY = loop.RLConfig(max_len=5, prompts_per_step=4, group_size=4, steps=3, ppo_epochs=2,
-                     micro_batches=2, lr=3e-3, warm_steps=20, warm_batch=32, eval_size=16,
+                     micro_batches=2, lr=3e-3, warm_max_steps=20, warm_batch=32, eval_size=16,
                      eval_every=2, d_embed=8, d_hidden=16)
 
 
 @pytest.fixture(scope="module")
 def warm() -> dict[str, torch.Tensor]:
-    return loop.warm_start(TINY, 0)
+    return loop.warm_start(TINY, 0)[0]
 
 
 def _policy(warm: dict[str, torch.Tensor], cfg: loop.RLConfig = TINY) -> loop.GRUPolicy:

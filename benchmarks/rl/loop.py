@@ -48,7 +48,8 @@ class RLConfig:
     micro_batches: int = 2
     lr: float = 3e-4
     grad_clip: float = 1.0
-    warm_steps: int = 300
+    warm_target: float = 0.6
+    warm_max_steps: int = 1000
     warm_batch: int = 128
     warm_lr: float = 3e-3
     eval_size: int = 512
@@ -265,24 +266,35 @@ def accuracy_by_length(policy: GRUPolicy, prompts: torch.Tensor,
     return {str(int(d)): float(correct[digits == d].mean()) for d in digits.unique()}
 
 
-def warm_start(cfg: RLConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Supervised warm-start (teacher-forced log-likelihood of correct answers) for
-    ``cfg.warm_steps`` steps: short on purpose, so that RL starts from partial accuracy."""
+def warm_start(cfg: RLConfig, seed: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Supervised warm-start (teacher-forced log-likelihood of correct answers) until the
+    greedy exact-match rate over the last 10 training batches reaches ``cfg.warm_target``
+    (at most ``cfg.warm_max_steps`` steps), so every seed starts RL from about the same
+    partial accuracy. Returns the state dict and the number of steps taken.
+
+    Greedy decoding is exactly right iff every teacher-forced arg-max is, so the rate comes
+    from the training logits themselves (no held-out data is looked at)."""
     policy = make_policy(cfg, seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.warm_lr)
     generator = torch.Generator().manual_seed(seed * 1000 + 7)
     held_out = eval_problems(cfg)[2]
-    for _ in range(cfg.warm_steps):
+    recent: list[float] = []
+    step = 0
+    while step < cfg.warm_max_steps and not (len(recent) == 10
+                                             and sum(recent) / 10 >= cfg.warm_target):
         prompts, targets = train_problems(cfg.warm_batch, cfg, held_out, generator)
         mask = task.response_mask(targets)
         labels = torch.where(mask, targets, -100)
-        logp = hapo_ops.token_logprobs(answer_logits(policy, prompts, targets), labels,
-                                       impl="torch")
+        logits = answer_logits(policy, prompts, targets)
+        logp = hapo_ops.token_logprobs(logits, labels, impl="torch")
         loss = -logp.sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        exact = ((logits.detach().argmax(-1) == targets) | ~mask).all(dim=1)
+        recent = (recent + [float(exact.float().mean())])[-10:]
+        step += 1
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, step
 
 
 def run_method(method: Method, cfg: RLConfig, seed: int,
@@ -293,7 +305,7 @@ def run_method(method: Method, cfg: RLConfig, seed: int,
     ``progress_every`` > 0 logs the held-out accuracy every that many steps."""
     started = time.monotonic()
     policy = make_policy(cfg, seed)
-    policy.load_state_dict(warm_state if warm_state is not None else warm_start(cfg, seed))
+    policy.load_state_dict(warm_state if warm_state is not None else warm_start(cfg, seed)[0])
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     data_gen = torch.Generator().manual_seed(seed * 1000 + 1)
     sample_gen = torch.Generator().manual_seed(seed * 1000 + 2)

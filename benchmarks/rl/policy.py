@@ -29,4 +29,6 @@ def answer_logits(policy: GRUPolicy, prompts: torch.Tensor,
     the answer tokens before it."""
     inputs = torch.cat([prompts, answers[:, :-1]], dim=1)
     logits, _ = policy(inputs)
-    return logits[:, prompts.shape[1] - 1:]
+    # contiguous: hapo_ops' torch backward at commit 1ee90f6 fails on a sliced (strided)
+    # logits view (shape mismatch in the block copy); the copy is small here
+    return logits[:, prompts.shape[1] - 1:].contiguous()

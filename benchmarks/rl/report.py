@@ -101,6 +101,11 @@ def _paired(methods: tuple[Method, ...],
     return out
 
 
+def _warm_steps(doc: dict[str, Any]) -> str:
+    steps = {r["seed"]: r.get("warm_steps") for r in doc["runs"]}
+    return ", ".join(str(steps[s]) for s in sorted(steps))
+
+
 def _fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
     if math.isnan(stat["ci"]):
         return f"{stat['mean'] * scale:.{digits}f}"
@@ -157,8 +162,9 @@ def markdown(doc: dict[str, Any]) -> str:
            if meta.get("load_average_at_end") else "") + ".",
         "",
         f"Task: sort 1–{cfg['max_len']} digits, binary exact-match reward. Policy: GRU "
-        f"(embedding {cfg['d_embed']}, hidden {cfg['d_hidden']}), {cfg['warm_steps']} "
-        f"supervised warm-start steps (shared by all methods of a seed), then "
+        f"(embedding {cfg['d_embed']}, hidden {cfg['d_hidden']}), supervised warm-start "
+        f"until {cfg['warm_target']:.0%} greedy exact match on the training batches "
+        f"(steps per seed: {_warm_steps(doc)}; shared by all methods of a seed), then "
         f"{cfg['steps']} RL steps of {cfg['prompts_per_step']} prompts x {cfg['group_size']} "
         f"samples, {cfg['ppo_epochs']} PPO epochs x {cfg['micro_batches']} micro-batches, "
         f"Adam lr {cfg['lr']}, base temperature {cfg['base_temperature']}, τ {cfg['tau']}. "

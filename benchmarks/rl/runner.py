@@ -60,26 +60,31 @@ def _jobs(cfg: RLConfig, seeds: list[int], methods: tuple[Method, ...],
     progress_every = max(cfg.eval_every, cfg.steps // 2)
     if workers <= 1:
         warm = {s: warm_start(cfg, s) for s in seeds}
-        log(f"warm-starts done for seeds {seeds}")
+        _warm_done(warm)
         runs = []
         for s in seeds:
             for m in methods:
-                runs.append(run_method(m, cfg, s, warm[s], progress_every))
+                runs.append(run_method(m, cfg, s, warm[s][0], progress_every))
                 _done(runs[-1], len(runs), len(seeds) * len(methods))
-        return runs
+        return [{**r, "warm_steps": warm[r["seed"]][1]} for r in runs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                 initializer=_init_worker) as pool:
         warm = dict(zip(seeds, pool.map(warm_start, [cfg] * len(seeds), seeds)))
-        log(f"warm-starts done for seeds {seeds}")
-        futures = [pool.submit(run_method, m, cfg, s, warm[s], progress_every)
+        _warm_done(warm)
+        futures = [pool.submit(run_method, m, cfg, s, warm[s][0], progress_every)
                    for s in seeds for m in methods]
         runs = []
         for future in concurrent.futures.as_completed(futures):
             runs.append(future.result())
             _done(runs[-1], len(runs), len(futures))
     order = {(m.name, s): i for i, (s, m) in enumerate((s, m) for s in seeds for m in methods)}
-    return sorted(runs, key=lambda r: order[(r["method"], r["seed"])])
+    return [{**r, "warm_steps": warm[r["seed"]][1]}
+            for r in sorted(runs, key=lambda r: order[(r["method"], r["seed"])])]
+
+
+def _warm_done(warm: dict[int, tuple[dict[str, torch.Tensor], int]]) -> None:
+    log("warm-starts done: " + ", ".join(f"seed {s} in {n} steps" for s, (_, n) in warm.items()))
 
 
 def _done(run: dict[str, Any], count: int, total: int) -> None:
