@@ -36,17 +36,20 @@ def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
     return packed[:, 0].contiguous().view(torch.int64), list(packed[:, 1:].unbind(-1)), offset
 
 
-def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
-    check_tensor("rewards", rewards, floating=True)
-    check_tensor("group_ids", group_ids, integer=True)
+def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor,
+                              group) -> None:
+    """Without a process group the batch must not be empty; with one, a rank may hold no
+    rows (it still takes part in the collectives and gets an empty result)."""
+    check_tensor("rewards", rewards, floating=True, allow_empty=group is not None)
+    check_tensor("group_ids", group_ids, integer=True, allow_empty=group is not None)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
     check_same_shape("group_ids", group_ids, "rewards", rewards)
     check_same_device("group_ids", group_ids, "rewards", rewards)
 
 
-def _check_response_mask(mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    valid = check_mask("mask", mask)
+def _check_response_mask(mask: torch.Tensor, rewards: torch.Tensor, group) -> torch.Tensor:
+    valid = check_mask("mask", mask, allow_empty=group is not None)
     if valid.dim() != 2 or valid.shape[0] != rewards.shape[0]:
         raise ValueError(f"mask must have shape (B, L) with B = {rewards.shape[0]}, "
                          f"got {tuple(valid.shape)}")
@@ -85,14 +88,14 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     the mask. ``group``: a process group; groups then pool rows over all ranks (module
     docstring) and each rank gets its own rows.
     """
-    _check_rewards_and_groups(rewards, group_ids)
-    eps = check_float("eps", eps, min_value=0.0)
+    _check_rewards_and_groups(rewards, group_ids, group)
+    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(_ACCUMULATE)])
     advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
     if mask is None:
         return advantages
-    valid = _check_response_mask(mask, rewards)
+    valid = _check_response_mask(mask, rewards, group)
     return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
                                                                 device=advantages.device))
 
@@ -115,9 +118,9 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     disables the fallback. ``group``: a process group; groups then pool rows over all ranks
     (module docstring; "padding" is judged against each rank's own padded length L).
     """
-    _check_rewards_and_groups(rewards, group_ids)
-    valid = _check_response_mask(mask, rewards)
-    eps = check_float("eps", eps, min_value=0.0)
+    _check_rewards_and_groups(rewards, group_ids, group)
+    valid = _check_response_mask(mask, rewards, group)
+    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     if fallback_threshold is not None:
         fallback_threshold = check_float("fallback_threshold", fallback_threshold,
                                          min_value=0.0, min_inclusive=False)

@@ -64,8 +64,10 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
             raise ValueError("pass either group or reduce_counts/reduce_extrema, not both")
         reduce_counts = functools.partial(all_reduce_sum, group=group)
         reduce_extrema = functools.partial(all_reduce_max, group=group)
-    entropy = check_tensor("entropy", entropy, floating=True)
-    valid = check_mask("mask", mask, entropy.shape)
+    # With a process group a rank may hold no tokens: it still joins every collective.
+    distributed = group is not None or reduce_counts is not None
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=distributed)
+    valid = check_mask("mask", mask, entropy.shape, allow_empty=distributed)
     check_same_device("mask", valid, "entropy", entropy)
     quantile = check_float("quantile", quantile, min_value=0.0, max_value=1.0)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
@@ -73,8 +75,8 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     ell = log_entropy(entropy, eps)
     valid = valid & ~torch.isnan(ell)
     count = valid.sum(dtype=torch.int64)
-    log_max = torch.where(valid, ell, float("-inf")).amax()
-    neg_log_min = torch.where(valid, -ell, float("-inf")).amax()
+    log_max = _max_or_minus_inf(torch.where(valid, ell, float("-inf")))
+    neg_log_min = _max_or_minus_inf(torch.where(valid, -ell, float("-inf")))
     if reduce_counts is not None:
         count = reduce_counts(count)
     if reduce_extrema is not None:
@@ -87,6 +89,11 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     log_min = torch.where(has_tokens, -neg_log_min, torch.full_like(log_max, float("-inf")))
     return EntropyStats(pivot, log_max, log_min)
 
+
+
+def _max_or_minus_inf(values: torch.Tensor) -> torch.Tensor:
+    """max of ``values`` (-inf for none), also for an empty tensor."""
+    return torch.cat([values.reshape(-1), values.new_full((1,), float("-inf"))]).amax()
 
 
 def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: str = "paper",

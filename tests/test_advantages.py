@@ -159,7 +159,7 @@ def test_grpo_advantages_matches_reference(batch, normalize_std, with_mask):
 def test_grpo_advantages_worked_example():
     rewards = torch.tensor([1.0, 0.0, 5.0, 0.0, 1.0, 1.0, 3.0], dtype=torch.float64)
     group_ids = torch.tensor([4, 9, 2, 4, 9, 4, 4])  # groups not contiguous; group 2 is a singleton
-    out = grpo_advantages(rewards, group_ids, eps=0.0)
+    out = grpo_advantages(rewards, group_ids, eps=1e-300)
     # group 4: [1, 0, 1, 3] mean 1.25, unbiased var (0.0625+1.5625+0.0625+3.0625)/3 = 1.583333
     s4 = math.sqrt(4.75 / 3)
     # group 9: [0, 1] mean 0.5, unbiased std sqrt(0.5)
@@ -492,3 +492,33 @@ def test_redistribute_rejects_bad_input():
         redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=-0.1)
     with pytest.raises(BAD, match="advantages"):
         redistribute_advantages(torch.empty(0), torch.empty(0), torch.empty(0), eps_low=0.2, eps_high=0.2)
+
+
+def test_eps_must_be_positive_and_zero_variance_groups_stay_finite():
+    """eps = 0 would give 0/0 = NaN for a group whose rewards are all equal (the most common
+    group with binary rewards): it is refused, and the default gives exactly 0 there."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    group_ids = torch.tensor([0, 0, 1, 1, 1])
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    for op, args in ((grpo_advantages, (rewards, group_ids)),
+                     (token_level_group_advantages, (rewards, group_ids, mask))):
+        with pytest.raises(ValueError, match="eps"):
+            op(*args, eps=0.0)
+        out = op(*args)
+        assert torch.isfinite(out).all()
+        assert (out[:2] == 0).all()
+
+
+def test_fallback_threshold_is_inclusive():
+    """|A_i| exactly at the threshold triggers the GRPO fallback (the test is ≥)."""
+    rewards = torch.tensor([6.0, 0.0], dtype=torch.float64)
+    group_ids = torch.tensor([0, 0])
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    # Token-weighted mean (1·6 + 5·0)/6 = 1: A = 5 exactly for the first row.
+    at = token_level_group_advantages(rewards, group_ids, mask, normalize_std=False,
+                                      fallback_threshold=5.0)
+    grpo = grpo_advantages(rewards, group_ids, mask, normalize_std=False)
+    assert torch.equal(at, grpo) and at[0, 0] == 3.0
+    above = token_level_group_advantages(rewards, group_ids, mask, normalize_std=False,
+                                         fallback_threshold=5.0 + 1e-9)
+    assert above[0, 0] == 5.0 and above[1, 0] == -1.0

@@ -374,3 +374,40 @@ def test_vocab_parallel_linear_matches_unsharded(sizes, pass_start):
                                               for res in results]), w2.grad,
                                    rtol=1e-5, atol=1e-5)
     assert all(res["raised"] for res in results)
+
+
+# ------------------------------------------------------------------------------ empty ranks
+
+def _empty_rank_worker(rank: int, world: int):
+    """Rank 1 holds no rows at all (empty tensors): every rank still reaches the same
+    collectives and gets the global result (its own rows: none)."""
+    group = dist.group.WORLD
+    _, entropy, mask, group_ids, rewards, _ = _dp_inputs(world)
+    total = entropy.shape[0]
+    bounds = [0, 4, 4, total] if world == 3 else [0, total, total]
+    start, stop = bounds[rank], bounds[rank + 1]
+    mine = slice(start, stop)
+    return {
+        "stats": hapo_ops.entropy_stats(entropy[mine], mask[mine], group=group),
+        "tlga": hapo_ops.token_level_group_advantages(rewards[mine], group_ids[mine],
+                                                      mask[mine], group=group),
+        "grpo": hapo_ops.grpo_advantages(rewards[mine], group_ids[mine], group=group),
+        "tokens": hapo_ops.global_token_count(mask[mine], group),
+        "rows": stop - start,
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_with_an_empty_batch_gets_the_global_result(world):
+    results = run_ranks(_empty_rank_worker, world)
+    _, entropy, mask, group_ids, rewards, _ = _dp_inputs(world)
+    assert results[1]["rows"] == 0
+    stats = hapo_ops.entropy_stats(entropy, mask)
+    tlga = hapo_ops.token_level_group_advantages(rewards, group_ids, mask)
+    grpo = hapo_ops.grpo_advantages(rewards, group_ids)
+    for res in results:
+        assert all(torch.equal(a, b) for a, b in zip(res["stats"], stats, strict=True))
+        assert int(res["tokens"]) == int(mask.sum())
+    assert torch.equal(torch.cat([res["tlga"] for res in results]), tlga)
+    assert torch.equal(torch.cat([res["grpo"] for res in results]), grpo)
+    assert results[1]["tlga"].shape == (0, mask.shape[1])

@@ -401,3 +401,13 @@ def test_adaptive_temperature_rejects_unknown_variant():
     entropy, _, stats = _good()
     with pytest.raises(BAD, match="variant"):
         adaptive_temperature(entropy, stats, variant="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_adaptive_temperature_dtype_does_not_depend_on_stats(dtype):
+    """The entropy's floating dtype promoted to at least float32, with or without stats."""
+    entropy = torch.rand(5).to(dtype)
+    stats = entropy_stats(entropy.float(), torch.ones(5, dtype=torch.bool))
+    with_stats = adaptive_temperature(entropy, stats)
+    without = adaptive_temperature(entropy, None)
+    assert with_stats.dtype == without.dtype == torch.promote_types(dtype, torch.float32)

@@ -701,3 +701,20 @@ def test_hapo_policy_loss_rejects_bad_input():
         hapo_policy_loss(lp, old, adv, ent, mask, eps_high=-0.2)
     with pytest.raises(BAD, match="agg"):
         hapo_policy_loss(lp, old, adv, ent, mask, agg="sum")
+
+
+def test_neutral_zone_edges_are_outside_and_zero_h_hat_changes_nothing():
+    """N = (1 - ε_low/2, 1 + ε_high/2) is open: a ratio exactly on an edge is outside it
+    (scaled when ĥ > 0), one ulp inside is inside (kept); ĥ = 0 leaves A and ε unchanged."""
+    from hapo_ops import redistribute_advantages
+    eps = 0.5  # edges 0.75 and 1.25, exact in binary
+    ratio = torch.tensor([0.75, 1.25, math.nextafter(0.75, 1.0), math.nextafter(1.25, 1.0),
+                          0.75, 1.0], dtype=torch.float64)
+    h_hat = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    adv = torch.full((6,), 2.0, dtype=torch.float64)
+    out = redistribute_advantages(adv, h_hat, ratio, eps_low=eps, eps_high=eps, beta=1.0)
+    assert out.tolist() == [3.0, 3.0, 2.0, 2.0, 2.0, 2.0]
+    below = redistribute_advantages(adv, -h_hat, ratio, eps_low=eps, eps_high=eps, beta=1.0)
+    assert below.tolist() == [2.0, 2.0, 1.0, 1.0, 2.0, 2.0]
+    low, high = adaptive_clip_bounds(torch.zeros(3), eps_low=0.2, eps_high=0.3, alpha=1.0)
+    assert (low == 0.2).all() and (high == 0.3).all()
