@@ -45,9 +45,11 @@ def kth_smallest(values: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
     ``k`` is an int64 0-d tensor in [1, count]; with ``reduce_counts`` (for example an
     all-reduce sum across ranks) the selection runs over the union of every caller's values.
     Four rounds of ``RADIX_BITS`` bits each fix the key from its top byte down. CPU tensors
-    without a reducer take ``kthvalue`` instead (a host read is free there).
+    without a reducer take ``kthvalue`` instead (a host read is free there), except while
+    ``torch.compile`` traces (a host read would break the graph).
     """
-    if reduce_counts is None and values.device.type == "cpu":
+    if (reduce_counts is None and values.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
         return _kth_smallest_on_host(values, valid, k)
     keys = float32_to_ordered_key(values.reshape(-1))
     live = valid.reshape(-1).to(torch.int64)
@@ -64,7 +66,8 @@ def kth_smallest(values: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
             counts = reduce_counts(counts)
         cumulative = counts.cumsum(0)
         chosen = (cumulative < remaining).sum().clamp_max(RADIX_BINS - 1)
-        remaining = remaining - (cumulative[chosen] - counts[chosen])
+        at = chosen.reshape(1)  # gather, not indexing: no host read of the digit
+        remaining = remaining - (cumulative.gather(0, at) - counts.gather(0, at)).reshape(())
         prefix = (prefix << RADIX_BITS) | chosen
     return ordered_key_to_float32(prefix)
 

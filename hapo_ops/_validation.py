@@ -72,7 +72,8 @@ def check_float_or_tensor(name: str, value: object, ref: torch.Tensor, *,
                           min_value: float = 0.0) -> ScalarOrTensor:
     """A float >= min_value, or a tensor broadcastable to ``ref`` on its device.
 
-    Tensor values are checked only on the CPU (no host sync on accelerators).
+    Tensor values are checked only on the CPU (no host sync on accelerators), and not while
+    ``torch.compile`` traces (a host read would break the graph).
     """
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
@@ -83,7 +84,8 @@ def check_float_or_tensor(name: str, value: object, ref: torch.Tensor, *,
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to "
                              f"{tuple(ref.shape)}") from None
-        if value.device.type == "cpu" and value.numel() and bool((value < min_value).any()):
+        if (value.device.type == "cpu" and value.numel() and not torch.compiler.is_compiling()
+                and bool((value < min_value).any())):
             raise ValueError(f"{name} must be >= {min_value} everywhere")
         return value
     return check_float(name, value, min_value=min_value)

@@ -13,8 +13,11 @@ Two implementations:
             rows are batched.
   "torch"   the same semantics in row chunks of PyTorch (entropy and log-probs through
             ``hapo_ops.logprob_entropy``), with an exponential race driven by a
-            ``torch.Generator``: another random stream, which depends on the batch layout.
-            It also supports ``top_k`` / ``top_p``.
+            ``torch.Generator`` seeded from the same seed: another random stream, which
+            depends on the batch layout. It also supports ``top_k`` / ``top_p``.
+
+Both run inside the ``hapo_ops::adaptive_temperature_sample`` custom op, so
+``torch.compile(fullgraph=True)`` traces a sampling step.
 """
 
 from __future__ import annotations
@@ -150,15 +153,6 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: int | None,
     return scaled
 
 
-def _torch_generator(logits: torch.Tensor, seed: int | None,
-                     generator: torch.Generator | None) -> torch.Generator:
-    if generator is not None and generator.device.type == logits.device.type:
-        return generator
-    if seed is None:
-        seed = int(_draw_seed(generator).cpu())  # a CPU generator: no device sync
-    return torch.Generator(device=logits.device).manual_seed(seed)
-
-
 def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator,
                  top_k: int | None, top_p: float | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +178,12 @@ def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: tor
     return tokens, log_kept
 
 
-def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, generator, top_k,
+def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, top_k,
                   top_p) -> SampleOutput:
     entropy = token_entropy(logits, impl="torch")
     temperature = adaptive_temperature(entropy, stats, base_temperature=base_temperature,
                                        tau=tau, variant=variant, eps=eps).to(torch.float32)
-    gen = _torch_generator(logits, seed, generator)
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
     tokens, log_kept = torch_sample(logits, temperature, gen, top_k, top_p)
     no_distribution = torch.isnan(entropy)
     tokens = tokens.masked_fill(no_distribution, 0)
@@ -201,25 +195,42 @@ def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, gene
 
 
 # ---------------------------------------------------------------------------------------
-# Triton path
+# One custom op for both paths: torch.compile traces through it
 # ---------------------------------------------------------------------------------------
 
-def _stats_tensor(stats: EntropyStats | None, logits: torch.Tensor) -> torch.Tensor | None:
+@torch.library.custom_op("hapo_ops::adaptive_temperature_sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, stats: torch.Tensor | None, seed: torch.Tensor,
+               row_ids: torch.Tensor, base_temperature: float, tau: float, paper: bool,
+               eps: float, top_k: int, top_p: float, impl: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stats`` (3,) float32 or None; ``seed`` (1,) int64 (on the logits' device for the
+    kernel, on the CPU for the torch path, which seeds a ``torch.Generator`` with it: a host
+    read, free there); ``top_k`` 0 and ``top_p`` 1 mean no truncation."""
+    if impl == "triton":
+        from hapo_ops.kernels.sampling import adaptive_sample_forward
+        return adaptive_sample_forward(logits, stats, seed, row_ids,
+                                       base_temperature=base_temperature, tau=tau,
+                                       paper=paper, eps=eps)
+    entropy_stats = None if stats is None else EntropyStats(*stats.unbind())
+    out = _sample_torch(logits, entropy_stats, base_temperature, tau,
+                        "paper" if paper else "released", eps, int(seed),
+                        top_k or None, top_p if top_p < 1.0 else None)
+    return tuple(t.clone() if t is logits else t for t in out)
+
+
+@_sample_op.register_fake
+def _(logits, stats, seed, row_ids, base_temperature, tau, paper, eps, top_k, top_p, impl):
+    n_rows = logits.shape[0]
+    new = logits.new_empty
+    return (new(n_rows, dtype=torch.int64), new(n_rows, dtype=torch.float32),
+            new(n_rows, dtype=torch.float32), new(n_rows, dtype=torch.float32))
+
+
+def _stats_tensor(stats: EntropyStats | None, device: torch.device) -> torch.Tensor | None:
     if stats is None:
         return None
-    return torch.stack([torch.as_tensor(s).reshape(()).to(logits.device, torch.float32)
+    return torch.stack([torch.as_tensor(s).reshape(()).to(device, torch.float32)
                         for s in stats])
-
-
-def _sample_triton(logits, stats, base_temperature, tau, variant, eps, seed, generator,
-                   row_ids) -> SampleOutput:
-    from hapo_ops.kernels.sampling import adaptive_sample_forward
-
-    seed_tensor = _seed_tensor(seed, generator, logits.device)
-    tokens, temperature, logprobs, entropy = adaptive_sample_forward(
-        logits, _stats_tensor(stats, logits), seed_tensor, row_ids,
-        base_temperature=base_temperature, tau=tau, paper=variant == "paper", eps=eps)
-    return SampleOutput(tokens, temperature, logprobs, entropy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,8 +255,9 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
       logits: (B, V) float logits of the next token (any float dtype; math in fp32).
       stats: ``EntropyStats`` of the previous training batch, or None.
       seed / generator: at most one. ``seed`` (int in [0, 2^63)) makes the draw reproducible;
-        ``generator`` supplies the seed (Triton) or the random stream (torch); neither draws a
-        seed from torch's default CPU generator (so ``torch.manual_seed`` reproduces it).
+        ``generator`` supplies a seed (one draw from it); neither draws the seed from torch's
+        default CPU generator (so ``torch.manual_seed`` reproduces it). Under
+        ``torch.compile`` pass ``seed`` (a generator object cannot enter a graph).
       top_k, top_p: optional truncation applied after the temperature, as engines do (torch
         path only; ``impl="auto"`` then takes the torch path, ``impl="triton"`` raises).
         ``logprobs`` is then the log-prob under the truncated, renormalized distribution
@@ -280,16 +292,16 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
         impl = "torch"
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     impl = resolve_impl(impl, logits)
+    if impl == "triton" and truncated:
+        raise ValueError("top_k and top_p are supported by impl='torch' only; the fused "
+                         "kernel samples from the full softmax(z/T)")
+    seed_device = logits.device if impl == "triton" else torch.device("cpu")
     with torch.no_grad():
-        logits = logits.detach()
-        if impl == "triton":
-            if truncated:
-                raise ValueError("top_k and top_p are supported by impl='torch' only; the fused "
-                                 "kernel samples from the full softmax(z/T)")
-            return _sample_triton(logits, stats, base_temperature, tau, variant, eps, seed,
-                                  generator, row_ids)
-        return _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed,
-                             generator, top_k, top_p)
+        out = _sample_op(logits.detach(), _stats_tensor(stats, logits.device),
+                         _seed_tensor(seed, generator, seed_device), row_ids,
+                         base_temperature, tau, variant == "paper", eps, top_k or 0,
+                         1.0 if top_p is None else top_p, impl)
+    return SampleOutput(*out)
 
 
 __all__ = ["SampleOutput", "adaptive_temperature_sample", "filter_top_k_top_p"]

@@ -411,3 +411,33 @@ def test_a_rank_with_an_empty_batch_gets_the_global_result(world):
     assert torch.equal(torch.cat([res["tlga"] for res in results]), tlga)
     assert torch.equal(torch.cat([res["grpo"] for res in results]), grpo)
     assert results[1]["tlga"].shape == (0, mask.shape[1])
+
+
+# ------------------------------------------------------------------------------ compile
+
+def _compiled_tp_worker(rank: int, world: int, sizes: list[int]):
+    """The vocabulary-parallel op (its all-reduces included) under torch.compile(fullgraph=True)
+    equals eager, values and gradients."""
+    group = dist.group.WORLD
+    logits, labels, temperature, w_logp, w_entropy = _tp_inputs(sizes)
+    start = sum(sizes[:rank])
+    shard = logits[..., start:start + sizes[rank]]
+
+    def loss(z):
+        logp, entropy = hapo_ops.logprobs_and_entropy(z, labels, temperature=temperature,
+                                                      impl="torch", tp_group=group,
+                                                      vocab_start=start)
+        return (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum()
+
+    eager_in, compiled_in = shard.clone().requires_grad_(), shard.clone().requires_grad_()
+    eager = loss(eager_in)
+    eager.backward()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(compiled_in)
+    compiled.backward()
+    return eager.detach(), compiled.detach(), eager_in.grad, compiled_in.grad
+
+
+def test_vocab_parallel_under_torch_compile():
+    for eager, compiled, grad, grad_compiled in run_ranks(_compiled_tp_worker, 2, [25, 12]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad_compiled, grad, rtol=1e-6, atol=1e-7)
