@@ -34,7 +34,8 @@ from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_same_device)
 from hapo_ops.collectives import ProcessGroup, all_reduce_sum, exclusive_prefix_sum
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
-                             check_policy_inputs, clamped_log_ratio, masked_mean)
+                             check_policy_inputs, clamped_log_ratio, clipped_surrogate,
+                             masked_advantages, masked_mean)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -294,11 +295,9 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     ratio = log_ratio.exp()
-    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    adv = masked_advantages(advantages, valid, logprobs.dtype)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, lower, upper)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, unclipped, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
     with torch.no_grad():
         held_by_clip = clipped.detach() > unclipped.detach()
         cov, count = _centred_covariance(adv, logprobs, valid, group)
@@ -384,7 +383,7 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     ratio = log_ratio.exp()
-    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    adv = masked_advantages(advantages, valid, logprobs.dtype)
     with torch.no_grad():
         cov, count = _centred_covariance(adv, logprobs, valid, group)
         # Largest covariance first: the smallest of -Cov (+ 0.0 turns -0.0 into +0.0).
@@ -459,9 +458,9 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     logp = torch.where(valid, logprobs, zero)
     # Value s_i exactly (logp - sg(logp) is 0), gradient s_i · ∇log π_t.
     ratio = torch.exp((logp - logp.detach()) + sequence_log_ratio)
-    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    adv = masked_advantages(advantages, valid, logprobs.dtype)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    per_token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, lower, upper))
+    per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)
     with torch.no_grad():
@@ -531,7 +530,7 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         if lower is not None:
             weight = torch.maximum(weight, torch.as_tensor(lower, dtype=ratio.dtype,
                                                            device=ratio.device))
-    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    adv = masked_advantages(advantages, valid, logprobs.dtype)
     per_token = -weight * adv * torch.where(valid, logprobs, zero)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)

@@ -178,6 +178,23 @@ def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid:
     return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
 
 
+def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A detached, in the loss dtype, 0 at masked positions (whatever they hold)."""
+    zero = torch.zeros((), dtype=dtype, device=advantages.device)
+    return torch.where(valid, advantages.detach().to(dtype), zero)
+
+
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrTensor,
+                      eps_high: ScalarOrTensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ℓ, -A·r, -A·clip(r, 1 - ε_low, 1 + ε_high)) with ℓ = max of the two: PPO's clipped
+    surrogate with decoupled bounds (arXiv 1707.06347; DAPO's clip-higher, arXiv 2503.14476)."""
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), unclipped, clipped
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor, *,
                         eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.28,
@@ -207,11 +224,9 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     ratio = log_ratio.exp()
-    adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)
+    adv = masked_advantages(advantages, valid, logprobs.dtype)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, lower, upper)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
     capped = torch.zeros_like(valid)
     if dual_clip is not None:
         cap = -adv * dual_clip
