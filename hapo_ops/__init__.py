@@ -12,6 +12,8 @@ never imported by the core).
 
 from hapo_ops.advantages import (grpo_advantages, redistribute_advantages,
                                  token_level_group_advantages)
+from hapo_ops.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
+                                       gspo_policy_loss, kl_cov_policy_loss)
 from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
 from hapo_ops.linear_logprob_entropy import linear_logprobs_and_entropy
 from hapo_ops.logprob_entropy import (logprobs_and_entropy, token_entropy, token_logprobs,
@@ -19,8 +21,10 @@ from hapo_ops.logprob_entropy import (logprobs_and_entropy, token_entropy, token
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, adaptive_clip_bounds,
                              aggregate_loss, clipped_policy_loss, global_sequence_count,
                              global_token_count, hapo_policy_loss)
+from hapo_ops.rollout_correction import rollout_correction
 from hapo_ops.sampling import SampleOutput, adaptive_temperature_sample
 from hapo_ops.temperature import adaptive_temperature
+from hapo_ops.token_selection import entropy_quantile_mask, sequence_entropy_advantages
 
 __version__ = "0.1.0"
 
@@ -33,16 +37,23 @@ __all__ = [
     "adaptive_temperature",
     "adaptive_temperature_sample",
     "aggregate_loss",
+    "cispo_policy_loss",
+    "clip_cov_policy_loss",
     "clipped_policy_loss",
+    "entropy_quantile_mask",
     "entropy_stats",
     "global_sequence_count",
     "global_token_count",
     "grpo_advantages",
+    "gspo_policy_loss",
     "hapo_policy_loss",
+    "kl_cov_policy_loss",
     "linear_logprobs_and_entropy",
     "logprobs_and_entropy",
     "normalized_entropy",
     "redistribute_advantages",
+    "rollout_correction",
+    "sequence_entropy_advantages",
     "token_entropy",
     "token_level_group_advantages",
     "token_logprobs",

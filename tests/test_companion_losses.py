@@ -1,6 +1,6 @@
 """Clip-Cov, KL-Cov, GSPO and CISPO against plain float64 references (the papers' formulas,
 the official Clip-Cov / KL-Cov conventions), their selections, boundaries, bad input,
-torch.compile, and data-parallel runs on gloo (one spawned group per world size)."""
+torch.compile, and data-parallel runs on gloo (one group per world size for the session)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hapo_ops.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
                                        gspo_policy_loss, kl_cov_policy_loss)
 from hapo_ops.losses import AGGREGATION_MODES, aggregate_loss
-from test_distributed import run_ranks
+from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=25)
 F64 = torch.float64

@@ -2,7 +2,7 @@
 sequence_entropy_advantages (EDGE-GRPO) against plain float64 references.
 
 References loop over rows and sort Python lists; the ops are vectorised (and radix-selected).
-The data-parallel checks spawn one gloo group per world size for the whole module.
+The data-parallel checks run on the session's gloo group of each world size.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hapo_ops.losses import clipped_policy_loss
 from hapo_ops.token_selection import entropy_quantile_mask, sequence_entropy_advantages
-from test_distributed import run_ranks
+from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=40)
 F64 = torch.float64
