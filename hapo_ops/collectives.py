@@ -32,11 +32,6 @@ def all_reduce_max(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     return _all_reduce(tensor, dist.ReduceOp.MAX, group)
 
 
-def all_reduce_min(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Elementwise min over the ranks of ``group``."""
-    return _all_reduce(tensor, dist.ReduceOp.MIN, group)
-
-
 def all_gather_rows(rows: torch.Tensor, group: ProcessGroup | None = None
                     ) -> tuple[torch.Tensor, int]:
     """(the rows of every rank concatenated in rank order, offset of this rank's rows).
@@ -73,5 +68,5 @@ def exclusive_prefix_sum(value: int | torch.Tensor, group: ProcessGroup | None =
     return torch.cat(values)[: dist.get_rank(group)].sum()
 
 
-__all__ = ["ProcessGroup", "all_gather_rows", "all_reduce_max", "all_reduce_min",
+__all__ = ["ProcessGroup", "all_gather_rows", "all_reduce_max",
            "all_reduce_sum", "exclusive_prefix_sum"]
