@@ -1,19 +1,25 @@
 """Timing, memory measurement, result records and environment metadata for the benchmarks.
 
 Timing
-  CUDA: one untimed first call (its wall time is kept as ``first_call_s``: it includes
-  compilation / autotuning), further warm-up calls, then per-repetition CUDA events around
-  each call (like ``triton.testing.do_bench``, without the L2 flush: every tensor here is far
-  larger than L2). The number of repetitions adapts to a time target; the median is reported.
-  CPU: ``time.perf_counter`` around each call, median of 2-3 calls, the first included
-  (the torch paths compile nothing; this keeps a full CPU run within a few minutes).
+  Warm-up calls first, never timed: the first one's wall time is kept as ``first_call_s``
+  (it includes compilation and autotuning, e.g. ``torch.compile``). Then per-repetition
+  timing, the median reported: CUDA events around each call on CUDA (like
+  ``triton.testing.do_bench``, without the L2 flush: every tensor here is far larger than
+  L2; the number of repetitions adapts to a time target), ``time.perf_counter`` around each
+  of 2-3 calls on CPU. A case may give a ``setup`` that runs before every call (warm-up and
+  memory call included) outside the timed region: in-place rows refresh their logits with
+  it, so that every repetition starts from fresh logits, not from the previous
+  repetition's gradient.
 
-Memory ("extra peak MB")
-  CUDA: ``torch.cuda.max_memory_allocated() - memory_allocated()`` before the call, i.e. the
-  extra memory the call needs on top of its inputs (outputs and gradients included).
-  CPU: peak resident set size sampled every millisecond from /proc/self/statm during one
-  call, minus the RSS just before it. Sampling can miss short spikes and the allocator may
-  reuse pages freed earlier, so it is a lower bound; it is labelled as such.
+Memory ("peak MB", ``MEMORY_DEFINITION``)
+  One untimed call (after timing on CUDA; the first warm-up call on CPU): the most bytes allocated through torch's allocator during the
+  call above those allocated just before it (the inputs), outputs and gradients included;
+  the same definition on every device. CUDA: ``torch.cuda.max_memory_allocated()`` after
+  ``reset_peak_memory_stats()``, minus ``memory_allocated()`` before the call. CPU: the
+  running sum of torch.profiler's allocation events (``profile_memory=True``) during the
+  call, its maximum (the CPU allocator reports every allocation made while the profiler
+  runs, and the free of each of those). Memory allocated outside torch's allocator (BLAS
+  scratch, Triton's launch state) is counted on neither device.
 """
 
 from __future__ import annotations
@@ -28,15 +34,21 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() minus allocated before the call"
-CPU_MEMORY_METHOD = "peak RSS sampled every 1 ms minus RSS before the call (lower bound)"
+MEMORY_DEFINITION = ("peak MB: the most bytes allocated through torch's allocator during one "
+                     "call above those allocated just before it (the inputs), outputs and "
+                     "gradients included; measured the same way for every row")
+CUDA_MEMORY_METHOD = ("torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), "
+                      "minus memory_allocated() before the call")
+CPU_MEMORY_METHOD = ("maximum running sum of the torch.profiler allocation events "
+                     "(profile_memory=True) of the call")
+
+Setup = Callable[[], Any] | None
 
 
 def log(message: str) -> None:
@@ -51,12 +63,12 @@ def log(message: str) -> None:
 class Result:
     """One row of a results table (JSON-serialisable through ``dataclasses.asdict``)."""
 
-    suite: str                      # "logprob" | "trainer" | "copy"
+    suite: str                      # "logprob" | "trainer" | "linear" | "sampler" | "copy"
     name: str                       # implementation (logprob) or op (trainer)
     mode: str                       # "forward", "forward+backward", ...
     dtype: str
     shape: list[int]                # logprob: [N, V]; trainer: [B, L]
-    status: str = "ok"              # ok | oom | error | skipped | reference
+    status: str = "ok"              # ok | oom | error | skipped
     median_ms: float | None = None
     min_ms: float | None = None
     reps: int = 0
@@ -64,8 +76,9 @@ class Result:
     bytes_moved: int | None = None  # minimum-traffic model, for GB/s
     gbps: float | None = None
     pct_copy_bw: float | None = None
-    extra_peak_mb: float | None = None
+    extra_peak_mb: float | None = None  # MEMORY_DEFINITION
     note: str = ""
+    baseline: str | None = None     # the row (same suite, shape, dtype, mode) compared with
 
     def set_bandwidth(self, nbytes: int, copy_gbps: float | None) -> None:
         self.bytes_moved = nbytes
@@ -85,18 +98,18 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class TimingConfig:
-    warmup: int = 2          # calls before timing, the first one included
+    warmup: int = 2          # untimed calls before timing (compilation, caches)
     min_reps: int = 3
     max_reps: int = 50
-    target_s: float = 0.4    # aim for about this much timed work per case (CUDA)
+    target_s: float = 0.4    # aim for about this much timed work per case
 
     @staticmethod
     def for_device(device: torch.device, quick: bool) -> TimingConfig:
         if device.type == "cuda":
             return TimingConfig(warmup=3, min_reps=5, max_reps=100,
                                 target_s=0.15 if quick else 0.4)
-        # CPU: the memory-sampled first call is one of the timed calls; slow ops get 2 calls.
-        return TimingConfig(warmup=0, min_reps=2, max_reps=3, target_s=10.0)
+        # CPU: one untimed warm-up call, then 2 timed calls of a slow op, 3 of a fast one.
+        return TimingConfig(warmup=1, min_reps=2, max_reps=3, target_s=10.0)
 
 
 # --------------------------------------------------------------------------- timing
@@ -107,19 +120,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -> Timing:
-    """Median time of ``fn()`` in milliseconds (see the module docstring for the method)."""
+def time_fn(fn: Callable[[], Any], device: torch.device, config: TimingConfig,
+            setup: Setup = None, warmups_done: int = 0) -> Timing:
+    """Median time of ``fn()`` in milliseconds (see the module docstring for the method);
+    ``setup()`` runs before every call, outside the timed region. ``warmups_done``: untimed
+    calls the caller already made."""
     first_call_s = math.nan
-    for i in range(config.warmup):
+    for i in range(warmups_done, max(1, config.warmup)):
+        if setup is not None:
+            setup()
+            synchronize(device)
         start = time.perf_counter()
         fn()
         synchronize(device)
         if i == 0:
             first_call_s = time.perf_counter() - start
     if device.type == "cuda":
-        times = _cuda_times(fn, device, config)
+        estimate_ms = _cuda_event_times(fn, 1, setup)[0]
+        times = _cuda_event_times(fn, _reps(config, estimate_ms), setup)
     else:
-        times = _cpu_times(fn, config.min_reps)
+        times = _cpu_times(fn, 1, setup)
+        times += _cpu_times(fn, _reps(config, times[0]) - 1, setup)
     return Timing(median_ms=statistics.median(times), min_ms=min(times), reps=len(times),
                   first_call_s=first_call_s)
 
@@ -129,15 +150,14 @@ def _reps(config: TimingConfig, estimate_ms: float) -> int:
     return max(config.min_reps, min(config.max_reps, wanted))
 
 
-def _cuda_times(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -> list[float]:
-    estimate_ms = _cuda_event_times(fn, 1)[0]
-    return _cuda_event_times(fn, _reps(config, estimate_ms))
-
-
-def _cuda_event_times(fn: Callable[[], Any], reps: int) -> list[float]:
+def _cuda_event_times(fn: Callable[[], Any], reps: int, setup: Setup = None) -> list[float]:
+    """Each start event is recorded after ``setup()``'s work was queued: only ``fn``'s
+    work lies between the two events."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
+        if setup is not None:
+            setup()
         start.record()
         fn()
         end.record()
@@ -145,9 +165,11 @@ def _cuda_event_times(fn: Callable[[], Any], reps: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
 
 
-def _cpu_times(fn: Callable[[], Any], reps: int) -> list[float]:
+def _cpu_times(fn: Callable[[], Any], reps: int, setup: Setup = None) -> list[float]:
     times = []
     for _ in range(reps):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -161,8 +183,13 @@ def memory_method(device: torch.device) -> str:
     return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
 
 
-def extra_peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Extra peak memory of one call of ``fn`` in MiB (method: ``memory_method``)."""
+def extra_peak_mb(fn: Callable[[], Any], device: torch.device, setup: Setup = None
+                  ) -> float | None:
+    """Peak MiB allocated during one call of ``fn`` above what was allocated before it
+    (``MEMORY_DEFINITION``); ``setup()`` runs first, outside the measure."""
+    if setup is not None:
+        setup()
+    gc.collect()
     if device.type == "cuda":
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -170,54 +197,26 @@ def extra_peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
         fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    sampler = RssSampler()
-    if not sampler.available:
+    return cpu_peak_bytes(fn) / 2**20
+
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch's CPU allocator during ``fn()`` above those allocated
+    before it: the maximum running sum of the profiler's allocation events. While memory
+    profiling is on, the allocator reports each allocation and the free of each block it
+    allocated then (blocks alive before the call never count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        return None
-    with sampler:
-        fn()
-    return sampler.extra_bytes / 2**20
-
-
-class RssSampler:
-    """Samples this process's resident set size in a background thread."""
-
-    _STATM = "/proc/self/statm"
-
-    def __init__(self, interval_s: float = 1e-3) -> None:
-        self.interval_s = interval_s
-        self.available = os.path.exists(self._STATM)
-        self._page = os.sysconf("SC_PAGE_SIZE") if self.available else 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.base = 0
-        self.peak = 0
-
-    def rss(self) -> int:
-        with open(self._STATM, "rb") as f:
-            return int(f.read().split()[1]) * self._page
-
-    @property
-    def extra_bytes(self) -> int:
-        return max(0, self.peak - self.base)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        gc.collect()
-        self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak = max(self.peak, self.rss())
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and "cpu" in str(e.device_type()).lower()]
+    events.sort(key=lambda e: e.start_ns())
+    total = peak = 0
+    for event in events:
+        total += event.nbytes()
+        peak = max(peak, total)
+    return peak
 
 
 def release_memory(device: torch.device) -> None:
@@ -258,30 +257,25 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
 # --------------------------------------------------------------------------- measure a case
 
 
-def _cpu_measure(result: Result, fn: Callable[[], Any], config: TimingConfig) -> Timing:
-    """CPU: the first call is memory-sampled and timed; 1-2 more calls (no compilation here)."""
-    start = time.perf_counter()
-    result.extra_peak_mb = extra_peak_mb(fn, torch.device("cpu"))
-    first_ms = (time.perf_counter() - start) * 1e3
-    times = [first_ms] + _cpu_times(fn, _reps(config, first_ms) - 1)
-    return Timing(median_ms=statistics.median(times), min_ms=min(times), reps=len(times),
-                  first_call_s=first_ms / 1e3)
-
-
 def measure(result: Result, fn: Callable[[], Any], device: torch.device,
-            config: TimingConfig) -> Result:
-    """Time ``fn`` and its extra peak memory into ``result``; OOM and errors become statuses.
+            config: TimingConfig, setup: Setup = None) -> Result:
+    """Time ``fn`` and its peak memory into ``result``; OOM and errors become statuses.
 
-    On CUDA the memory is read from one extra call after timing; on CPU it is sampled
-    during the first call, which also counts as a timed call (slow device, no compilation).
+    Warm-up (compilation included) is never timed, and ``setup()`` runs before every call
+    outside the timed region. The memory comes from one more call after timing on CUDA;
+    on CPU (slow, and nothing compiled in the default run) from the first warm-up call.
     """
     timing: Timing | None
     try:
-        if device.type == "cuda":
-            timing = time_fn(fn, device, config)
-            result.extra_peak_mb = extra_peak_mb(fn, device)
+        if device.type == "cpu" and config.warmup == 1:
+            start = time.perf_counter()
+            result.extra_peak_mb = extra_peak_mb(fn, device, setup)
+            first_call_s = time.perf_counter() - start
+            timing = time_fn(fn, device, config, setup, warmups_done=1)
+            timing.first_call_s = first_call_s
         else:
-            timing = _cpu_measure(result, fn, config)
+            timing = time_fn(fn, device, config, setup)
+            result.extra_peak_mb = extra_peak_mb(fn, device, setup)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
         result.status = "oom" if is_oom(exc) else "error"
         result.note = short_error(exc)
@@ -324,6 +318,23 @@ def device_tag(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def kernel_configs() -> dict[str, Any]:
+    """The launch configurations (block x warps x stages) of the logits kernels at
+    V = 151936 per pass and dtype, and the ``HAPO_OPS_KERNEL_CONFIG`` override if one is
+    set (then the numbers are not those of the shipped rule)."""
+    configs: dict[str, Any] = {"override": os.environ.get("HAPO_OPS_KERNEL_CONFIG") or None}
+    try:
+        from hapo_ops.kernels._common import pick_config
+    except Exception as exc:  # noqa: BLE001 - no Triton: no kernels
+        configs["error"] = short_error(exc)
+        return configs
+    for pass_ in ("forward", "backward", "sample"):
+        for dtype in (torch.bfloat16, torch.float32):
+            name = str(dtype).removeprefix("torch.")
+            configs[f"{pass_}:{name}"] = "x".join(map(str, pick_config(151936, dtype, pass_)))
+    return configs
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Metadata stored with every results file."""
     meta: dict[str, Any] = {
@@ -335,13 +346,17 @@ def environment(device: torch.device) -> dict[str, Any]:
         "numpy": package_version("numpy"),
         "hapo_ops": package_version("hapo-ops"),
         "liger_kernel": package_version("liger-kernel"),
+        "verl": package_version("verl"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "memory_definition": MEMORY_DEFINITION,
         "memory_method": memory_method(device),
+        "kernel_configs": kernel_configs(),
         "total_memory_gib": total_memory_bytes(device) / 2**30,
     }
     if device.type == "cuda":
