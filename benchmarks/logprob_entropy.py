@@ -4,10 +4,16 @@ Implementations
   hapo-triton    hapo_ops.logprobs_and_entropy(..., impl="triton")
   hapo-torch     the vocabulary-chunked PyTorch path (impl="torch"); one shape only on CUDA
   torch-eager    log_softmax(z.float() / T).gather(y) and -(softmax · log_softmax).sum(-1)
-  torch-compile  torch.compile(dynamic=True) of the same eager function
+  torch-compile  torch.compile(dynamic=False) of the same eager function (fixed shapes:
+                 one compilation per shape, in the untimed warm-up)
   liger          Liger-Kernel's cross entropy with reduction="none" (log-prob only; it always
                  writes the gradient into the logits, so its backward row is "in-place")
-  TRL (published, H100)  a fixed, not measured reference: 0.89 ms, bf16 [8, 1024, 151936], forward
+
+Every row's baseline is torch-eager at the same shape, dtype and mode (on CPU too, where it
+is what a user would otherwise run). In-place rows get fresh logits before every repetition
+(outside the timed region). The published TRL figure (0.89 ms on an H100, bf16
+[8, 1024, 151936], forward) is kept apart from the measured rows (``PUBLISHED``); the
+measured rows include that shape (N = 8192, V = 151936) on CUDA.
 
 Effective bandwidth uses a minimum-traffic model: forward reads the logits once
 (N·V·itemsize); forward+backward reads them twice and writes the gradient (3·N·V·itemsize).
@@ -34,9 +40,11 @@ ALL_MODES = (FORWARD, FWD_BWD, FWD_BWD_INPLACE)
 
 TEMPERATURE = 1.0
 MEMORY_FRACTION = 0.4     # skip shapes whose logits + gradient exceed this share of memory
-TRL_REFERENCE = Result(suite="logprob", name="TRL (published, H100)", mode=FORWARD,
-                       dtype="bfloat16", shape=[8 * 1024, 151936], status="reference",
-                       median_ms=0.89, note="published figure for [8, 1024, 151936], not measured")
+BASELINE = "torch-eager"
+# Published, not measured here: never a row of the measured tables.
+PUBLISHED = [{"what": "TRL per-token log-prob (selective_log_softmax), forward",
+              "device": "H100", "dtype": "bfloat16", "shape": [8, 1024, 151936],
+              "median_ms": 0.89, "source": "TRL's published benchmark"}]
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -66,14 +74,22 @@ def hapo_fn(impl: str, **kwargs: Any) -> LogprobFn:
 
 
 class CompiledEager:
-    """``torch.compile`` of the eager function, built on first use (one per process)."""
+    """``torch.compile(dynamic=False)`` of the eager function, built on first use (one per
+    process). Static shapes specialise each shape (one compilation per shape and mode, in
+    the untimed warm-up); the recompile limit is raised so that no shape of the grid falls
+    back to eager."""
 
     _fn: LogprobFn | None = None
 
     @classmethod
     def get(cls) -> LogprobFn:
         if cls._fn is None:
-            cls._fn = torch.compile(eager_logprobs_and_entropy, dynamic=True)
+            import torch._dynamo
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config,
+                                                                        name)))
+            cls._fn = torch.compile(eager_logprobs_and_entropy, dynamic=False)
         return cls._fn
 
 
@@ -143,17 +159,24 @@ def hapo_impl(impl: str, modes: tuple[str, ...] = ALL_MODES, **extra: Any) -> Im
     return Impl(name=f"hapo-{impl}", modes=modes, step=step, **extra)
 
 
+EAGER = Impl("torch-eager", (FORWARD, FWD_BWD),
+             lambda mode: make_step(eager_logprobs_and_entropy, mode),
+             note="log_softmax + softmax in fp32: several N×V fp32 tensors")
+TORCH_NOTE = ("vocabulary-chunked PyTorch path: about 4M logits per chunk, so its memory "
+              "stays bounded where eager holds several N×V fp32 tensors")
+
+
 def available_impls(*, full: bool) -> list[Impl]:
     """Implementations to compare; ``full`` adds the GPU-only comparison set."""
     if not full:
-        return [hapo_impl("torch", (FORWARD, FWD_BWD), note="vocabulary-chunked PyTorch path")]
+        return [hapo_impl("torch", (FORWARD, FWD_BWD), note=TORCH_NOTE), EAGER]
     impls = [
         hapo_impl("triton"),
-        Impl("torch-eager", (FORWARD, FWD_BWD),
-             lambda mode: make_step(eager_logprobs_and_entropy, mode)),
+        EAGER,
         Impl("torch-compile", (FORWARD, FWD_BWD),
              lambda mode: make_step(CompiledEager.get(), mode),
-             note="torch.compile(dynamic=True) of torch-eager", stop_on_error=True),
+             note="torch.compile(dynamic=False) of torch-eager; compiled in the untimed "
+                  "warm-up", stop_on_error=True),
     ]
     liger_error = liger_import_error()
     if liger_error is None:
@@ -162,8 +185,7 @@ def available_impls(*, full: bool) -> list[Impl]:
                           note="log-prob only; loss in the logits dtype", stop_on_error=True))
     else:
         log(f"liger-kernel unavailable, skipped: {liger_error}")
-    impls.append(hapo_impl("torch", (FORWARD, FWD_BWD), note="vocabulary-chunked PyTorch path",
-                           target_only=True))
+    impls.append(hapo_impl("torch", (FORWARD, FWD_BWD), note=TORCH_NOTE, target_only=True))
     return impls
 
 
@@ -205,12 +227,19 @@ def make_plan(device: torch.device, *, quick: bool, smoke: bool) -> Plan:
         return Plan(shapes, target, available_impls(full=True), 8,
                     ["triton", "torch", "eager"])
     if device.type == "cpu":
-        target = Shape(bf16, 1024 if quick else 4096, 151936)
+        # N = 1024: torch-eager holds several N×V fp32 tensors (0.6 GB each at this N).
+        target = Shape(bf16, 256 if quick else 1024, 151936)
         return Plan([target], target, available_impls(full=False), 16,
                     ["torch", "eager"])
     target = Shape(bf16, 16384, 151936)
-    vocab = (151936, 32000, 128256, 256000)
-    shapes = [Shape(dtype, n, v) for dtype in (bf16, fp32) for n in (16384, 8192) for v in vocab]
+    trl = Shape(bf16, 8192, 151936)           # TRL's published shape [8, 1024, 151936]
+    if quick:  # the target shape, TRL's shape, fp32 at the target, then other vocabularies
+        shapes = [target, trl, Shape(fp32, 16384, 151936), Shape(bf16, 16384, 128256),
+                  Shape(bf16, 16384, 32000), Shape(bf16, 16384, 256000)]
+    else:
+        vocab = (151936, 32000, 128256, 256000)
+        shapes = [Shape(dtype, n, v) for dtype in (bf16, fp32) for n in (16384, 8192)
+                  for v in vocab]
     return Plan(shapes, target, available_impls(full=True), 64 if quick else 256,
                 ["triton", "torch", "eager"])
 
@@ -276,8 +305,10 @@ class Runner:
 
     def _row(self, shape: Shape, impl: Impl, mode: str, **fields: Any) -> Result:
         fields.setdefault("note", impl.note)
+        # in-place rows are compared with eager's forward+backward (report.py)
+        baseline = None if impl.name == BASELINE else BASELINE
         return Result(suite="logprob", name=impl.name, mode=mode, dtype=dtype_name(shape.dtype),
-                      shape=[shape.n, shape.v], **fields)
+                      shape=[shape.n, shape.v], baseline=baseline, **fields)
 
     def _skip_shape(self, shape: Shape, why: str) -> None:
         log(f"skip {shape.label()}: {why}")
@@ -309,14 +340,23 @@ class Runner:
         if impl.name in self.broken:
             return self._row(shape, impl, mode, status="skipped",
                              note=f"failed earlier: {self.broken[impl.name]}")
-        logits.normal_(0.0, 2.0)  # fresh values: in-place modes overwrite the logits
+        logits.normal_(0.0, 2.0)
+        # In-place modes overwrite the logits with their gradient: fresh logits before every
+        # repetition, outside the timed region.
+        setup = (lambda: logits.normal_(0.0, 2.0)) if mode == FWD_BWD_INPLACE else None
         result = self._row(shape, impl, mode)
+        if mode == FWD_BWD_INPLACE:
+            result.note = (result.note + "; " if result.note else "") + \
+                "fresh logits before every repetition (untimed)"
         try:
             step = impl.step(mode)
         except Exception as exc:  # noqa: BLE001
             result.status, result.note = "error", short_error(exc)
         else:
-            measure(result, lambda: step(logits, labels), self.device, self.config)
+            config = self.config
+            if impl.name == "torch-compile":  # compilation and its first runs stay untimed
+                config = dataclasses.replace(config, warmup=max(3, config.warmup))
+            measure(result, lambda: step(logits, labels), self.device, config, setup)
         result.set_bandwidth(bytes_moved(shape, mode), self.copy_gbps)
         if result.status == "error" and impl.stop_on_error:
             self.broken[impl.name] = result.note
@@ -409,8 +449,3 @@ def run(device: torch.device, config: TimingConfig, results: list[Result],
     release_memory(device)
     log(f"logprob: {len(plan.shapes)} shapes, impls {[impl.name for impl in plan.impls]}")
     Runner(plan, device, config, copy_gbps, deadline, results).run()
-    if device.type == "cuda":
-        reference = dataclasses.replace(TRL_REFERENCE)
-        reference.set_bandwidth(bytes_moved(Shape(torch.bfloat16, *reference.shape), FORWARD),
-                                copy_gbps)
-        results.append(reference)
