@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks [--quick] [--out DIR] [--only trainer|logprob]
+"""Command line: ``python -m benchmarks [--quick] [--out DIR] [--only SUITE[,SUITE...]]
 [--device cpu|cuda] [--budget-s S]``.
 
 Progress goes to stderr, the final Markdown tables to stdout. Files (results.json,
@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR",
                         help="write results.json, results.md and the plot here "
                              "(default: print only)")
-    parser.add_argument("--only", choices=SUITES + ("rl",),
-                        help="run one suite; rl (training runs of every method, about "
-                             "15 minutes, 3 with --quick) runs only when named")
+    parser.add_argument("--only", type=_suites, metavar="SUITE[,SUITE...]",
+                        help=f"run these suites ({', '.join(SUITES)}, comma-separated) or rl "
+                             "alone; rl (training runs of every method, about 15 minutes, 3 "
+                             "with --quick) runs only when named")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="rl suite: number of seeds (default 5, 2 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
@@ -46,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     # a smoke test of the GPU code paths on a machine without one.
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _suites(text: str) -> str:
+    """``--only``: one suite, a comma-separated list of suites, or rl alone."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["rl"]:
+        return "rl"
+    unknown = [name for name in names if name not in SUITES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"invalid suite {', '.join(unknown) or repr(text)}: choose from "
+            f"{', '.join(SUITES)} (comma-separated), or rl alone")
+    return ",".join(names)
 
 
 class Interrupted(BaseException):
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[common.Result] = []
     accuracy: list[dict[str, Any]] = []
-    suites = [args.only] if args.only else list(SUITES)
+    suites = args.only.split(",") if args.only else list(SUITES)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         copy = logprob_entropy.copy_bandwidth(device, config, smoke=args.smoke)
@@ -116,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     metadata["wall_s"] = round(time.monotonic() - started, 1)
+    metadata["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
 
-    doc = report.build(metadata, results, accuracy)
+    published = logprob_entropy.PUBLISHED if device.type == "cuda" and "logprob" in suites else []
+    doc = report.build(metadata, results, accuracy, published)
     text = report.markdown(doc)
     print(text)
     if args.out:
