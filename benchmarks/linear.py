@@ -9,12 +9,20 @@ Implementations
                      and, with backward, one N×V logits gradient
   liger-flce         Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"):
                      log-prob only (no entropy), CUDA, when installed
+  matmul             the matrix products alone (CUDA): forward h @ Wᵀ; forward+backward that
+                     and the two backward products dz @ W and dzᵀ @ h (no softmax work): the
+                     floor of any LM head, fused or not
+
+Every row's baseline is ``unfused`` at the same shape and mode (the report gives the time
+and memory ratios to it, and on CUDA the time ratio to ``matmul``).
 
 CUDA: the grid N ∈ {8192, 16384} × D ∈ {2048, 4096} × V ∈ {128256, 151936} in bf16
 (and the target shape in fp32), forward and forward+backward (gradients of h and W).
-Target: fused ≤ 1.3× the time of ``unfused`` with no N×V allocation ("extra peak MB").
+Target: fused ≤ 1.3× the time of ``unfused`` with no N×V allocation ("peak MB").
 CPU: one small fp32 shape (N=2048, D=256, V=32000) for the memory comparison; the N×V
-logits there are 250 MiB (noted on each row), the fused path's chunks 2 × 32 MiB.
+logits there are 250 MiB (noted on each row), the fused path's chunks 2 × 32 MiB. There
+the fused torch path is slower than unfused: it trades time for bounded memory (it runs
+the matmul in 1024 × 8192 chunks, and recomputes the logits in backward).
 """
 
 from __future__ import annotations
@@ -77,6 +85,26 @@ def unfused_fn(hidden, weight, labels):
     return hapo_ops.logprobs_and_entropy(hidden @ weight.T, labels)
 
 
+def matmul_fn(hidden, weight, labels):
+    """The LM head's matrix products alone (what any head must do); outputs unused."""
+    return (hidden @ weight.T,)
+
+
+def matmul_step(mode: str) -> Step:
+    """Forward: z = h Wᵀ. Forward+backward: z, then dz @ W and dzᵀ @ h with dz = z (the same
+    shapes as the backward products; no autograd, no softmax work)."""
+    def forward(hidden, weight, labels):
+        with torch.no_grad():
+            hidden @ weight.T
+
+    def forward_backward(hidden, weight, labels):
+        with torch.no_grad():
+            z = hidden @ weight.T
+            z @ weight
+            z.T @ hidden
+    return forward if mode == FORWARD else forward_backward
+
+
 def liger_import_error() -> str | None:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: F401
@@ -114,20 +142,26 @@ class Impl:
     modes: tuple[str, ...] = (FORWARD, FWD_BWD)
     note: str = ""
     target_only: bool = False
+    step: Callable[[str], Step] | None = None  # instead of make_step(fn(), mode)
 
 
 def available_impls(device: torch.device, *, smoke: bool) -> list[Impl]:
     unfused_note = ("cuBLAS matmul + hapo logits kernel" if device.type == "cuda"
                     else "matmul + hapo torch path")
+    fused_torch_note = ("chunked PyTorch: bounded memory (1024 × 8192 logit chunks), paid "
+                        "for in time (chunked matmuls, logits recomputed in backward)")
     if device.type == "cpu" and not smoke:
-        return [Impl("hapo-fused-torch", lambda: fused_fn("torch"), note="chunked PyTorch"),
+        return [Impl("hapo-fused-torch", lambda: fused_fn("torch"), note=fused_torch_note),
                 Impl("unfused", lambda: unfused_fn, note=unfused_note)]
     impls = [Impl("hapo-fused-triton", lambda: fused_fn("triton"),
                   note="no N×V tensor; backward dz chunk ≤ 512 MiB"),
              Impl("unfused", lambda: unfused_fn, note=unfused_note),
-             Impl("hapo-fused-torch", lambda: fused_fn("torch"), note="chunked PyTorch",
+             Impl("hapo-fused-torch", lambda: fused_fn("torch"), note=fused_torch_note,
                   target_only=True)]
     if device.type == "cuda":
+        impls.append(Impl("matmul", lambda: matmul_fn, step=matmul_step,
+                          note="cuBLAS products alone: forward h·Wᵀ; with backward also "
+                               "dz·W and dzᵀ·h"))
         error = liger_import_error()
         if error is None:
             impls.append(Impl("liger-flce", lambda: liger_fn, note="log-prob only"))
@@ -155,9 +189,13 @@ def make_shapes(device: torch.device, *, quick: bool, smoke: bool) -> tuple[list
 # --------------------------------------------------------------------------- runs
 
 
+BASELINE = "unfused"
+
+
 def _row(shape: Shape, name: str, mode: str, **fields: Any) -> Result:
     return Result(suite="linear", name=name, mode=mode, dtype=dtype_name(shape.dtype),
-                  shape=[shape.n, shape.d, shape.v], **fields)
+                  shape=[shape.n, shape.d, shape.v],
+                  baseline=None if name == BASELINE else BASELINE, **fields)
 
 
 def describe(result: Result) -> str:
@@ -203,7 +241,7 @@ def run(device: torch.device, config: TimingConfig, results: list[Result], *, qu
                 result.status, result.note = "skipped", "time budget spent"
             else:
                 try:
-                    step = make_step(impl.fn(), mode)
+                    step = impl.step(mode) if impl.step else make_step(impl.fn(), mode)
                 except Exception as exc:  # noqa: BLE001
                     result.status, result.note = "error", short_error(exc)
                 else:
