@@ -4,14 +4,26 @@ One step: 8192 responses (512 prompts × group size 16, group ids shuffled) of u
 tokens with random lengths, Bernoulli(0.5) rewards, and token entropies drawn from a mixture
 that puts most tokens at tiny entropies (near-deterministic) and the rest around 0.2 nats.
 ``--quick`` uses 1024 responses.
+
+Baseline: the same step computed the way verl does it, through verl's own functions
+(``verl.trainer.ppo.core_algos``): ``compute_grpo_outcome_advantage`` for the advantages
+and ``compute_policy_loss_vanilla`` (which aggregates with ``agg_loss``) for the PPO loss,
+with the same clip range (0.2) and dual clip (10). verl is optional
+(``pip install "hapo-ops[bench]"``); without it those rows are reported as skipped.
+``hapo_policy_loss`` does more than verl's loss (entropy statistics, normalized entropy,
+per-token clip bounds, advantage redistribution, four clip fractions and the KL metric), so
+its ratio to verl is the price of those extras; ``clipped_policy_loss`` is the
+like-for-like comparison.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,6 +32,21 @@ from benchmarks.common import Result, TimingConfig, log, measure, release_memory
 FORWARD = "forward"
 FWD_BWD = "forward+backward"
 GROUP_SIZE = 16
+VERL_ADVANTAGE = "verl compute_grpo_outcome_advantage"
+VERL_LOSS = "verl compute_policy_loss_vanilla"
+# op -> its verl baseline row
+BASELINES = {"grpo_advantages": VERL_ADVANTAGE,
+             "token_level_group_advantages": VERL_ADVANTAGE,
+             "clipped_policy_loss": VERL_LOSS,
+             "hapo_policy_loss": VERL_LOSS}
+NOTES = {
+    "hapo_policy_loss": ("entropy stats + ĥ + clip bounds + redistribution + dual-clip loss "
+                         "and metrics: about 60 elementwise passes over B×L in eager torch "
+                         "on CPU"),
+    "clipped_policy_loss": "the like-for-like counterpart of verl's loss (dual clip 10)",
+    VERL_ADVANTAGE: "Python loop over responses and groups (verl's code)",
+    VERL_LOSS: "verl's clipped loss with agg_loss token-mean, clip_ratio_c=10",
+}
 
 
 @dataclasses.dataclass
@@ -89,14 +116,78 @@ def cases(batch: TrainerBatch) -> list[tuple[str, str, Callable[[], None]]]:
                                         b.mask)
         torch.autograd.grad(out[0], logprobs)
 
+    def clipped(logprobs: torch.Tensor) -> torch.Tensor:
+        return hapo_ops.clipped_policy_loss(logprobs, b.old_logprobs, b.advantages, b.mask,
+                                            eps_low=0.2, eps_high=0.2, dual_clip=10.0).loss
+
+    def clipped_forward() -> None:
+        with torch.no_grad():
+            clipped(b.logprobs)
+
+    def clipped_forward_backward() -> None:
+        logprobs = b.logprobs.detach().requires_grad_(True)
+        torch.autograd.grad(clipped(logprobs), logprobs)
+
     return [
         ("grpo_advantages", FORWARD, grpo),
         ("token_level_group_advantages", FORWARD, token_level),
         ("entropy_stats", FORWARD, entropy_stats),
         ("normalized_entropy", FORWARD, normalized),
+        ("clipped_policy_loss", FORWARD, clipped_forward),
+        ("clipped_policy_loss", FWD_BWD, clipped_forward_backward),
         ("hapo_policy_loss", FORWARD, loss_forward),
         ("hapo_policy_loss", FWD_BWD, loss_forward_backward),
     ]
+
+
+def verl_missing() -> str | None:
+    """Why verl's functions cannot run here, or None."""
+    if importlib.util.find_spec("verl") is None:
+        return 'verl not installed (pip install "hapo-ops[bench]")'
+    try:
+        from verl.trainer.ppo import core_algos  # noqa: F401
+        from verl.workers.config import FSDPActorConfig  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - optional dependency, any failure means absent
+        from benchmarks.common import short_error
+        return f"verl does not import: {short_error(exc)}"
+    return None
+
+
+def verl_cases(batch: TrainerBatch) -> list[tuple[str, str, Callable[[], None]]]:
+    """The same step through verl's own functions (called, not copied)."""
+    import numpy as np
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import FSDPActorConfig
+
+    b = batch
+    mask = b.mask.to(b.logprobs.dtype)
+    # verl's outcome reward sits on the last response token
+    last = (b.mask.sum(-1) - 1).clamp_min(0)
+    token_rewards = torch.zeros_like(b.logprobs)
+    token_rewards[torch.arange(len(last), device=last.device), last] = b.rewards
+    index = np.asarray(b.group_ids.cpu())
+    config: Any = FSDPActorConfig(strategy="fsdp", rollout_n=GROUP_SIZE,
+                                  ppo_micro_batch_size_per_gpu=2, loss_agg_mode="token-mean",
+                                  clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                                  clip_ratio_c=10.0)
+
+    def advantage() -> None:
+        core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index)
+
+    def loss(logprobs: torch.Tensor) -> torch.Tensor:
+        return core_algos.compute_policy_loss_vanilla(b.old_logprobs, logprobs, b.advantages,
+                                                      mask, "token-mean", config)[0]
+
+    def loss_forward() -> None:
+        with torch.no_grad():
+            loss(b.logprobs)
+
+    def loss_forward_backward() -> None:
+        logprobs = b.logprobs.detach().requires_grad_(True)
+        torch.autograd.grad(loss(logprobs), logprobs)
+
+    return [(VERL_ADVANTAGE, FORWARD, advantage), (VERL_LOSS, FORWARD, loss_forward),
+            (VERL_LOSS, FWD_BWD, loss_forward_backward)]
 
 
 def batch_size(*, quick: bool, smoke: bool) -> tuple[int, int]:
@@ -114,15 +205,27 @@ def run(device: torch.device, config: TimingConfig, results: list[Result], *, qu
     valid = int(batch.mask.sum())
     note = f"{valid / 1e6:.1f}M valid tokens"
     log(f"trainer: {note}")
-    for op, mode, call in cases(batch):
+    all_cases = cases(batch)
+    missing = verl_missing()
+    if missing is None:
+        all_cases += verl_cases(batch)
+    else:
+        log(f"trainer: verl baseline skipped: {missing}")
+    for op, mode, call in all_cases:
         result = Result(suite="trainer", name=op, mode=mode, dtype="float32",
-                        shape=batch.shape, note=note)
+                        shape=batch.shape, note="; ".join(filter(None, (note, NOTES.get(op)))),
+                        baseline=BASELINES.get(op))
         if time.monotonic() > deadline:
             result.status, result.note = "skipped", "time budget spent"
         else:
             measure(result, call, device, config)
         log(describe(result))
         results.append(result)
+    if missing is not None:
+        results += [Result(suite="trainer", name=name, mode=mode, dtype="float32",
+                           shape=batch.shape, status="skipped", note=missing)
+                    for name, mode in ((VERL_ADVANTAGE, FORWARD), (VERL_LOSS, FORWARD),
+                                       (VERL_LOSS, FWD_BWD))]
     del batch
     release_memory(device)
 
