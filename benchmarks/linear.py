@@ -20,9 +20,9 @@ CUDA: the grid N ∈ {8192, 16384} × D ∈ {2048, 4096} × V ∈ {128256, 15193
 (and the target shape in fp32), forward and forward+backward (gradients of h and W).
 Target: fused ≤ 1.3× the time of ``unfused`` with no N×V allocation ("peak MB").
 CPU: one small fp32 shape (N=2048, D=256, V=32000) for the memory comparison; the N×V
-logits there are 250 MiB (noted on each row), the fused path's chunks 2 × 32 MiB. There
-the fused torch path is slower than unfused: it trades time for bounded memory (it runs
-the matmul in 1024 × 8192 chunks, and recomputes the logits in backward).
+logits there are 250 MiB (noted on each row), the fused path's chunks 2 × 32 MiB. The
+fused torch path recomputes the logits in backward (one more matmul); unfused pays for the
+torch logits path's elementwise backward over the whole N×V tensor instead.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ class Impl:
 def available_impls(device: torch.device, *, smoke: bool) -> list[Impl]:
     unfused_note = ("cuBLAS matmul + hapo logits kernel" if device.type == "cuda"
                     else "matmul + hapo torch path")
-    fused_torch_note = ("chunked PyTorch: bounded memory (1024 × 8192 logit chunks), paid "
-                        "for in time (chunked matmuls, logits recomputed in backward)")
+    fused_torch_note = ("chunked PyTorch: bounded memory (1024 × 8192 logit chunks, logits "
+                        "recomputed in backward)")
     if device.type == "cpu" and not smoke:
         return [Impl("hapo-fused-torch", lambda: fused_fn("torch"), note=fused_torch_note),
                 Impl("unfused", lambda: unfused_fn, note=unfused_note)]
