@@ -127,6 +127,13 @@ def row_statistics(row_ptr, vocab, scale, BLOCK_V: tl.constexpr):
     ``BLOCK_V`` blocks, the next block's load issued before the current one is reduced (so
     memory latency overlaps the arithmetic), then the lane sums merged:
     rest = Σ_lanes rest + (ties - 1)."""
+    return row_statistics_above(row_ptr, vocab, scale, NEG_LARGE, BLOCK_V)
+
+
+@triton.jit
+def row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V: tl.constexpr):
+    """``row_statistics`` of the entries z ≥ ``threshold`` (raw units; the others count as
+    -inf): the statistics of a truncated distribution (``hapo_ops.truncation``)."""
     lanes = tl.arange(0, BLOCK_V)
     row_max = tl.full([], NEG_LARGE, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
@@ -137,8 +144,9 @@ def row_statistics(row_ptr, vocab, scale, BLOCK_V: tl.constexpr):
         z = z_next
         offsets = start + BLOCK_V + lanes
         z_next = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
-        row_max, rest, spread, ties = accumulate_block(saturate(z), scale, row_max, rest,
-                                                       spread, ties)
+        z = saturate(z)
+        z = tl.where(z < threshold, NEG_LARGE, z)
+        row_max, rest, spread, ties = accumulate_block(z, scale, row_max, rest, spread, ties)
     rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
     return row_max, rest_total, tl.sum(spread, axis=0)
 
@@ -267,4 +275,4 @@ __all__ = ["CONFIG_ENV", "KERNEL_PASSES", "KernelConfig", "LN2", "LOG2E", "NEG_L
            "POS_LARGE", "RowLayout", "TRITON_VERSION", "accumulate_block", "accumulate_tile",
            "addressable_rows", "config_override", "finish_row", "interpreting", "log1p",
            "mask_logprob", "pick_config", "row_layout", "row_pointer", "row_scales",
-           "row_statistics", "saturate", "temperature_args"]
+           "row_statistics", "row_statistics_above", "saturate", "temperature_args"]
