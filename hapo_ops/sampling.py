@@ -14,7 +14,9 @@ Two implementations:
   "torch"   the same semantics in row chunks of PyTorch (entropy and log-probs through
             ``hapo_ops.logprob_entropy``), with an exponential race driven by a
             ``torch.Generator`` seeded from the same seed: another random stream, which
-            depends on the batch layout. It also supports ``top_k`` / ``top_p``.
+            depends on the batch layout. It also supports ``top_k`` / ``top_p``, with the
+            truncation rule of ``hapo_ops.truncation`` (the one ``logprobs_and_entropy``
+            recomputes), so that the returned behaviour log-prob is the trainer's.
 
 Both run inside the ``hapo_ops::adaptive_temperature_sample`` custom op, so
 ``torch.compile(fullgraph=True)`` traces a sampling step.
@@ -28,7 +30,9 @@ import torch
 
 from hapo_ops._validation import check_float, check_tensor, check_variant
 from hapo_ops.entropy_signal import EntropyStats
-from hapo_ops.logprob_entropy import default_chunk_tokens, token_entropy, token_logprobs
+from hapo_ops.logprob_entropy import (default_chunk_tokens, token_entropy, token_logprobs,
+                                      truncation_threshold)
+from hapo_ops.row_statistics import saturate
 from hapo_ops.temperature import adaptive_temperature
 from hapo_ops.token_inputs import resolve_impl
 
@@ -138,44 +142,51 @@ def _seed_tensor(seed: int | None, generator: torch.Generator | None,
 
 def filter_top_k_top_p(scaled: torch.Tensor, top_k: int | None,
                        top_p: float | None) -> torch.Tensor:
-    """Set to -inf the entries of ``scaled`` (rows of z/T) outside the top-k, then outside the
-    smallest top-probability set of mass ≥ top_p (the first token always stays), as
-    transformers and vLLM do after the temperature."""
-    if top_k is not None and top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        ordered, order = scaled.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled
+    """Set to -inf the entries of ``scaled`` (rows of z/T) outside the top-k, then outside
+    the smallest set of most probable tokens of the renormalized top-k distribution whose
+    mass reaches top_p, as engines do after the temperature: the rule of
+    ``hapo_ops.truncation`` (ties at either threshold kept, at least one token kept).
+
+    Examples:
+      >>> filter_top_k_top_p(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), 2, None)
+      tensor([[3., 1., 1., -inf]])
+
+    References:
+      Holtzman et al., arXiv 1904.09751 (top-p); vLLM's top-k/top-p sampler.
+    """
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return scaled
+    threshold = truncation_threshold(scaled, None, 1.0, top_k, top_p, "torch",
+                                     default_chunk_tokens(scaled.shape[-1], scaled.device))
+    return scaled.masked_fill(saturate(scaled) < threshold[:, None], float("-inf"))
 
 
 def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator,
-                 top_k: int | None, top_p: float | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, log of the mass kept by top-k/top-p) from (B, V) logits and per-row T.
+                 top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Tokens (B,) drawn from softmax(z/T) of (B, V) logits and per-row T, truncated by
+    ``top_k``/``top_p`` (``hapo_ops.truncation``: the entries below the row's threshold θ
+    are never drawn).
 
     Exponential race in row chunks: token = argmax_v z_v/T - ln E_v, E ~ Exp(1) drawn in
     float64 (no token wins through a rounded-to-zero E). Rows with no finite logit give 0.
     """
     n_rows, vocab = logits.shape
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
-    log_kept = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     step = default_chunk_tokens(vocab, logits.device)
+    threshold = None
+    if top_k is not None or (top_p is not None and top_p < 1.0):
+        threshold = truncation_threshold(logits, temperature, 1.0, top_k, top_p, "torch", step)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         scaled = logits[start:stop].to(torch.float32) / temperature[start:stop, None]
-        kept = filter_top_k_top_p(scaled, top_k, top_p)
-        if kept is not scaled:
-            log_kept[start:stop] = kept.logsumexp(-1) - scaled.logsumexp(-1)
-        race = torch.empty(kept.shape, dtype=torch.float64, device=logits.device)
+        if threshold is not None:
+            dropped = saturate(logits[start:stop]) < threshold[start:stop, None]
+            scaled = scaled.masked_fill_(dropped, float("-inf"))
+        race = torch.empty(scaled.shape, dtype=torch.float64, device=logits.device)
         race.exponential_(generator=generator)
-        key = kept - race.clamp_min_(1e-300).log_().to(torch.float32)
+        key = scaled - race.clamp_min_(1e-300).log_().to(torch.float32)
         tokens[start:stop] = key.nan_to_num(nan=float("-inf")).argmax(-1)
-    return tokens, log_kept
+    return tokens
 
 
 def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, top_k,
@@ -184,12 +195,14 @@ def _sample_torch(logits, stats, base_temperature, tau, variant, eps, seed, top_
     temperature = adaptive_temperature(entropy, stats, base_temperature=base_temperature,
                                        tau=tau, variant=variant, eps=eps).to(torch.float32)
     gen = torch.Generator(device=logits.device).manual_seed(seed)
-    tokens, log_kept = torch_sample(logits, temperature, gen, top_k, top_p)
+    tokens = torch_sample(logits, temperature, gen, top_k, top_p)
     no_distribution = torch.isnan(entropy)
     tokens = tokens.masked_fill(no_distribution, 0)
     safe_t = temperature.masked_fill(no_distribution, 1.0)
-    logprobs = token_logprobs(logits, tokens, temperature=safe_t, impl="torch")
-    logprobs = (logprobs - log_kept).masked_fill(no_distribution, float("nan"))
+    # The trainer's op with the same truncation: the same threshold, the same log-prob.
+    logprobs = token_logprobs(logits, tokens, temperature=safe_t, impl="torch", top_k=top_k,
+                              top_p=top_p)
+    logprobs = logprobs.masked_fill(no_distribution, float("nan"))
     temperature = temperature.masked_fill(no_distribution, float("nan"))
     return SampleOutput(tokens, temperature, logprobs, entropy)
 
@@ -261,7 +274,10 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
       top_k, top_p: optional truncation applied after the temperature, as engines do (torch
         path only; ``impl="auto"`` then takes the torch path, ``impl="triton"`` raises).
         ``logprobs`` is then the log-prob under the truncated, renormalized distribution
-        actually sampled from.
+        actually sampled from, equal to ``token_logprobs(logits, tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p)`` (the same threshold search,
+        ``hapo_ops.truncation``; ties at a threshold kept, at least one token) and to the
+        replay with ``kept_ids`` = the kept set.
       row_ids: (B,) integer identity of each row in the kernel's counter-based RNG (default
         ``arange(B)``): a row with the same logits, seed and row id draws the same token in
         any batch. The torch path draws from a ``torch.Generator`` stream instead (another
