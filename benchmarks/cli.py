@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any
 
-SUITES = ("trainer", "logprob", "linear", "distributed", "sampler")
+SUITES = ("trainer", "logprob", "linear", "distributed", "sampler", "replay")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import common, linear, logprob_entropy, report, trainer_ops
     from benchmarks import distributed as distributed_bench
-    from benchmarks import sampler
+    from benchmarks import replay, sampler
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sampler" in suites:
             sampler.run(device, config, results, quick=args.quick, smoke=args.smoke,
                         copy_gbps=copy.gbps, deadline=deadline)
+        if "replay" in suites:
+            replay.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                       copy_gbps=copy.gbps, deadline=deadline)
     except (Interrupted, KeyboardInterrupt) as exc:
         metadata["interrupted"] = str(exc) or type(exc).__name__
         common.log(f"interrupted ({metadata['interrupted']}): writing partial results")
