@@ -9,7 +9,8 @@ term non-negative). Each (row, split) leaves the four columns of
 ``hapo_ops.row_statistics.RowStatistics``; the caller combines the splits exactly
 (``combine_parts``, O(N·splits)). Splitting V gives the GPU enough programs at N = 8192 (64
 token tiles alone would leave half an H100 idle) and lets concurrent programs share weight
-tiles through L2.
+tiles through L2. The split size is fixed (``SPLIT_VOCAB``, never a function of N), so a
+row's result does not depend on the batch it sits in.
 
 Backward (``linear_backward``): per chunk of tokens, ``_linear_dlogits_kernel`` recomputes the
 logits tiles (a GEMM-shaped grid with the gradient as epilogue),
@@ -45,6 +46,7 @@ from hapo_ops.kernels._common import (LN2, LOG2E, NEG_LARGE, accumulate_tile, in
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 DZ_CHUNK_BYTES = 1 << 29  # default dz buffer: 512 MiB, ~10% of bf16 logits at 16k × 152k
+SPLIT_VOCAB = 16384       # vocabulary entries per forward split (see split_vocab_size)
 
 
 class LinearConfig(NamedTuple):
@@ -189,13 +191,13 @@ def _dot_args(dtype: torch.dtype, fp32_precision: str) -> tuple[bool, str | None
                                                        else None)
 
 
-def _num_splits(n_rows: int, vocab: int, config: LinearConfig, device: torch.device) -> int:
-    """Vocabulary splits so that the grid has about two programs per SM (one split on CPU)."""
-    if device.type != "cuda":
-        return 1
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    token_tiles = triton.cdiv(n_rows, config.block_n)
-    return max(1, min(triton.cdiv(vocab, config.block_v), triton.cdiv(programs, token_tiles)))
+def split_vocab_size(vocab: int, config: LinearConfig) -> int:
+    """Vocabulary entries per split: a fixed ``SPLIT_VOCAB`` (a multiple of BLOCK_V), never a
+    function of the number of tokens, so that a row's result does not depend on the batch it
+    sits in (batch invariance). At V = 151936 that is 10 splits: with N = 16384 (128 token
+    tiles) 1280 programs, enough for any current GPU."""
+    split = triton.cdiv(SPLIT_VOCAB, config.block_v) * config.block_v
+    return min(split, triton.cdiv(vocab, config.block_v) * config.block_v)
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -209,8 +211,10 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     config = config or pick_linear_config(hidden.dtype)
-    splits = splits or _num_splits(n_rows, vocab, config, hidden.device)
-    split_size = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
+    if splits:
+        split_size = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
+    else:
+        split_size = split_vocab_size(vocab, config)
     splits = triton.cdiv(vocab, split_size)
     stats = torch.empty((splits, n_rows, 4), dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
