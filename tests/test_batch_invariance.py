@@ -1,6 +1,7 @@
-"""Batch invariance on a GPU: a row's log-prob and entropy are bitwise the same whether it
-is computed alone or inside a batch of 16384 rows, at the target vocabulary (151936, bf16)
-and with the shipped kernel configurations (``HAPO_OPS_KERNEL_CONFIG`` unset).
+"""Batch invariance: a row's log-prob and entropy are bitwise the same whether it is computed
+alone or inside a batch. On a GPU: a batch of 16384 rows at the target vocabulary (151936,
+bf16) with the shipped kernel configurations (``HAPO_OPS_KERNEL_CONFIG`` unset); on CPU
+(torch path and the Triton interpreter) at small sizes.
 
 Covers the logits op (``logprobs_and_entropy``), the fused linear head
 (``linear_logprobs_and_entropy``) and the sampler (``adaptive_temperature_sample``: token,
@@ -17,14 +18,14 @@ import pytest
 import torch
 
 import hapo_ops
-from conftest import requires_cuda
+from conftest import IMPL_DEVICES, requires_cuda
 
 N_ROWS = 16384
 VOCAB = 151936
 HIDDEN = 1024
 ROWS = (0, 1, 127, 128, 4097, N_ROWS - 1)   # tile and block boundaries included
 
-pytestmark = [requires_cuda, pytest.mark.slow]
+gpu = [requires_cuda, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +43,8 @@ def _logits(generator: torch.Generator) -> torch.Tensor:
         torch.bfloat16)
 
 
+@requires_cuda
+@pytest.mark.slow
 def test_logits_op_row_alone_equals_row_in_batch():
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = _logits(g)
@@ -55,6 +58,8 @@ def test_logits_op_row_alone_equals_row_in_batch():
             _assert_bitwise("entropy", entropy[row:row + 1], entropy_1, row)
 
 
+@requires_cuda
+@pytest.mark.slow
 def test_fused_linear_head_row_alone_equals_row_in_batch():
     g = torch.Generator(device="cuda").manual_seed(1)
     hidden = torch.randn(N_ROWS, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
@@ -71,6 +76,8 @@ def test_fused_linear_head_row_alone_equals_row_in_batch():
             _assert_bitwise("entropy", entropy[row:row + 1], entropy_1, row)
 
 
+@requires_cuda
+@pytest.mark.slow
 def test_sampler_row_alone_equals_row_in_batch():
     g = torch.Generator(device="cuda").manual_seed(2)
     logits = _logits(g)
@@ -85,3 +92,39 @@ def test_sampler_row_alone_equals_row_in_batch():
             for field in ("tokens", "temperature", "logprobs", "entropy"):
                 _assert_bitwise(field, getattr(out, field)[row:row + 1],
                                 getattr(alone, field), row)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_small_batches_on_every_path(impl, device):
+    """The same property at test sizes, on every available path (rows of a 37-row batch)."""
+    g = torch.Generator().manual_seed(3)
+    n, vocab, dim = 37, 300, 16
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(device)
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+    hidden = torch.randn(n, dim, generator=g).to(device)
+    weight = torch.randn(vocab, dim, generator=g).to(device)
+    stats = hapo_ops.EntropyStats(torch.tensor(-1.0), torch.tensor(1.5), torch.tensor(-6.0))
+    with torch.no_grad():
+        batch = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl)
+        head = hapo_ops.linear_logprobs_and_entropy(hidden, weight, labels, impl=impl)
+        sample = hapo_ops.adaptive_temperature_sample(logits, stats, seed=5, impl=impl)
+        for row in (0, 16, n - 1):
+            one = slice(row, row + 1)
+            alone = hapo_ops.logprobs_and_entropy(logits[one].clone(), labels[one], impl=impl)
+            head_alone = hapo_ops.linear_logprobs_and_entropy(hidden[one].clone(), weight,
+                                                              labels[one], impl=impl)
+            checks = [("logp", batch[0][one], alone[0]), ("entropy", batch[1][one], alone[1])]
+            if impl == "triton":
+                # The torch path's head goes through torch's matmul, whose CPU BLAS kernels
+                # differ between one row and many (gemv against gemm): not batch-invariant.
+                checks += [("head logp", head[0][one], head_alone[0]),
+                           ("head entropy", head[1][one], head_alone[1])]
+            for name, got, want in checks:
+                _assert_bitwise(name, got, want, row)
+            if impl == "triton":  # the kernel's random stream is keyed by the row id
+                sample_alone = hapo_ops.adaptive_temperature_sample(
+                    logits[one].clone(), stats, seed=5, impl=impl,
+                    row_ids=torch.tensor([row], device=device))
+                for field in ("tokens", "temperature", "logprobs", "entropy"):
+                    _assert_bitwise(field, getattr(sample, field)[one],
+                                    getattr(sample_alone, field), row)
