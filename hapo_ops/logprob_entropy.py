@@ -391,7 +391,7 @@ def _kept_backward(logits, kept_ids, labels, temperature, scalar_temperature, st
     if grad_logp is not None:
         grad_logp = torch.where(found & (labels != ignore_index), grad_logp, 0.0)
     grad = kept_gradient(z, state, entropy, grad_logp, grad_entropy, position, grad_logp, inv_t)
-    return scatter_kept(grad, index, logits, out)
+    return scatter_kept(grad, index, use, logits, out)
 
 
 @torch.library.custom_op("hapo_ops::kept_logprobs_entropy_backward", mutates_args=())
@@ -533,7 +533,7 @@ class _VocabParallelKept(torch.autograd.Function):
         z = gather_kept(logits, index, use)
         grad = kept_gradient(z, state, entropy, grad_logp, grad_entropy, position, label_weight,
                              inv_t)
-        return (scatter_kept(grad, index, logits, logits if ctx.inplace else None),) + none
+        return (scatter_kept(grad, index, use, logits, logits if ctx.inplace else None),) + none
 
 
 def check_tp_group(tp_group: object) -> ProcessGroup:
@@ -767,8 +767,9 @@ def vocab_parallel_logprobs_and_entropy(
         logits: torch.Tensor, labels: torch.Tensor | None, tp_group: ProcessGroup, *,
         vocab_start: int | torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0,
         ignore_index: int = -100, impl: str = "auto", inplace_backward: bool = False,
-        validate: bool = False, chunk_tokens: int | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        validate: bool = False, chunk_tokens: int | None = None,
+        kept_ids: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
+        top_p: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`logprobs_and_entropy` of a vocabulary shard: ``logits`` (..., V_r) is this rank's
     contiguous slice [vocab_start, vocab_start + V_r) of the vocabulary, ``labels`` global
     ids. Returns the unsharded op's (logp, H) on every rank, differentiable in both (the
@@ -777,13 +778,16 @@ def vocab_parallel_logprobs_and_entropy(
     Communication: all-reduce MAX of N float32, all-reduce SUM of 5·N float32 (plus, without
     ``vocab_start``, one all-gather of one int per rank). Labels held by no shard raise on
     CPU and with ``validate=True`` (after the all-reduce, so every rank raises); otherwise
-    their logp is NaN.
+    their logp is NaN. ``kept_ids`` (global ids; each shard gathers those it holds) costs the
+    same two all-reduces; ``top_k``/``top_p`` add one all-reduce MAX of N and, per search
+    pass, one all-reduce SUM of N·2^D float32 (D = 8 torch, 4 Triton).
     """
     return logprobs_and_entropy(logits, labels, temperature=temperature,
                                 ignore_index=ignore_index, impl=impl,
                                 inplace_backward=inplace_backward, validate=validate,
                                 tp_group=check_tp_group(tp_group), vocab_start=vocab_start,
-                                chunk_tokens=chunk_tokens)
+                                chunk_tokens=chunk_tokens, kept_ids=kept_ids, top_k=top_k,
+                                top_p=top_p)
 
 
 __all__ = ["check_tp_group", "default_chunk_tokens", "logprobs_and_entropy", "row_blocks",

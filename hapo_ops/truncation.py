@@ -157,7 +157,8 @@ def order_keys(z: torch.Tensor) -> torch.Tensor:
     """int64 keys in [0, 2^32) with key(a) < key(b) ⟺ a < b for fp32 ``z`` (-0.0 taken as
     +0.0, so that equal values have equal keys)."""
     bits = (z + 0.0).view(torch.int32)
-    return torch.where(bits < 0, bits ^ _MAGNITUDE, bits).to(torch.int64) + _SIGN
+    # Negative floats: flip the magnitude bits (the arithmetic shift makes the mask).
+    return (bits ^ ((bits >> 31) & _MAGNITUDE)).to(torch.int64).add_(_SIGN)
 
 
 def key_logits(keys: torch.Tensor) -> torch.Tensor:
@@ -252,11 +253,11 @@ def torch_candidate_sums(blocks: RowBlocks, n_rows: int, inv_temperature: torch.
         for start, block in blocks():
             rows = slice(start, start + block.shape[0])
             z = saturate(block)
-            top = order_keys(z) >> shift
+            top = order_keys(z).bitwise_right_shift_(shift)
             bucket = top >> digit_bits
-            index = top & (radix - 1)
-            index = torch.where(bucket > prefix[rows, None], radix, index)
-            index = torch.where(bucket < prefix[rows, None], radix + 1, index)
+            index = top.bitwise_and_(radix - 1)
+            index = index.masked_fill_(bucket > prefix[rows, None], radix)
+            index = index.masked_fill_(bucket < prefix[rows, None], radix + 1)
             if row_max is None:
                 weights = torch.ones((), dtype=torch.float32, device=z.device).expand(z.shape)
             else:
@@ -286,15 +287,25 @@ def saturated_row_max(logits: torch.Tensor) -> torch.Tensor:
 def kept_entries(kept_ids: torch.Tensor, vocab: int, vocab_start: int | torch.Tensor = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, index, use), each (N, K): the kept ids sorted per row; where each lies in this
-    part of the vocabulary [vocab_start, vocab_start + vocab) (0 elsewhere, never read);
-    and which entries count: ids in this part, each distinct id once (its first
-    occurrence). Negative ids are padding."""
+    part of the vocabulary [vocab_start, vocab_start + vocab); and which entries count:
+    ids in this part, each distinct id once (its first occurrence). Negative ids are
+    padding. Entries that do not count take the index of the row's last counted entry (0
+    if none): every index is in range, and a scatter of identical values there
+    (``scatter_kept``) is deterministic."""
     ids = kept_ids.sort(-1).values
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     local = ids - vocab_start
     use = first & (ids >= 0) & (local >= 0) & (local < vocab)
-    return ids, torch.where(use, local, 0), use
+    alias = last_counted(use)
+    index = torch.where(use, local, local.gather(-1, alias).masked_fill_(~use.any(-1, True), 0))
+    return ids, index, use
+
+
+def last_counted(use: torch.Tensor) -> torch.Tensor:
+    """(N, 1) position of each row's last counted entry (0 if none)."""
+    positions = torch.arange(use.shape[-1], device=use.device)
+    return (use * positions).amax(-1, keepdim=True)
 
 
 def gather_kept(logits: torch.Tensor, index: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
@@ -339,21 +350,29 @@ def kept_gradient(z: torch.Tensor, state: torch.Tensor, entropy: torch.Tensor,
     return grad.masked_fill_(~(state[:, :1] > NEG_LARGE), 0.0)
 
 
-def scatter_kept(grad: torch.Tensor, index: torch.Tensor, like: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def scatter_kept(grad: torch.Tensor, index: torch.Tensor, use: torch.Tensor,
+                 like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The (..., V) gradient of ``like`` that is ``grad`` (N, K) at the kept entries and 0
-    elsewhere: a new zero tensor, or ``out`` zeroed in place, then one scatter of N·K."""
+    elsewhere: a new zero tensor, or ``out`` zeroed in place, then one scatter (no add: the
+    entries that do not count write their alias's value, ``kept_entries``) of N·K."""
     token_shape = like.shape[:-1]
     if out is None:
         out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
     else:
         out.zero_()
-    return out.scatter_add_(-1, index.view(*token_shape, index.shape[-1]),
-                            grad.to(like.dtype).view(*token_shape, index.shape[-1]))
+    aliased = grad.gather(-1, last_counted(use)).masked_fill_(~use.any(-1, True), 0.0)
+    grad = torch.where(use, grad, aliased)
+    # index_put_ with one index per dim: no copy of a strided ``out``, and no float32 copy
+    # of a 16-bit one (which CPU scatter kernels make).
+    shape = (*token_shape, index.shape[-1])
+    rows = tuple(torch.arange(size, device=index.device).view(
+        [-1 if dim == axis else 1 for dim in range(len(shape))])
+        for axis, size in enumerate(token_shape))
+    return out.index_put_((*rows, index.view(shape)), grad.to(like.dtype).view(shape))
 
 
 __all__ = ["KEY_NEG_INF", "KEY_POS_INF", "TORCH_DIGIT_BITS", "TRITON_DIGIT_BITS",
            "candidate_keys", "check_kept_ids", "check_top_k", "check_top_p", "descend",
-           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits", "label_position",
+           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits", "label_position", "last_counted",
            "order_keys", "saturated_row_max", "scatter_kept", "significant_bits", "thresholds",
            "torch_candidate_sums", "truncates"]

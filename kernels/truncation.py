@@ -34,6 +34,9 @@ def _candidate_sums_kernel(
     candidates = tl.load(candidates_ptr + row * RADIX + digits)
     lanes = tl.arange(0, BLOCK_V)
     sums = tl.zeros([RADIX], tl.float32)
+    scale = 0.0
+    row_max = 0.0
+    lower = 0.0
     if WEIGHTED:
         _, scale = row_scales(temperature_ptr, row, row >= 0, scalar_inv_temperature,
                               HAS_TEMPERATURE_TENSOR)
