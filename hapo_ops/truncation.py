@@ -35,6 +35,16 @@ Triton kernel, a 16-way comparison), fixing D more bits of the key; only the bit
 input dtype carries are searched (16 for bfloat16, 19 for float16, 32 otherwise), so
 bfloat16 logits take 2 passes (torch) or 4 (Triton) per rule, plus one max pass for top-p.
 The per-pass sums are reductions, so vocabulary shards all-reduce them (O(N·2^D) per pass).
+Kept sets are exact for top-k; for top-p, exact up to the fp32 rounding of the mass sums
+where a token's strictly-more-probable mass equals p·W to within that rounding (the engines'
+own fp32 cumulative sums have the same ambiguity there).
+
+Examples:
+  >>> z = torch.tensor([[2.0, 0.0, 0.0, -1.0]])
+  >>> sums = torch_candidate_sums(lambda: iter([(0, z)]), 1, torch.ones(1))
+  >>> thresholds(sums, z.amax(-1), 2, None, 1, z.dtype, TORCH_DIGIT_BITS, z.device,
+  ...            lambda x: x)  # top-2 keeps 2.0 and both tied 0.0
+  tensor([0.])
 
 References:
   vLLM ``--return-sampling-mask`` / SGLang / slime / prime-rl return the kept set;
