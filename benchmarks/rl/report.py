@@ -92,7 +92,7 @@ def _paired(methods: tuple[Method, ...],
         if ref not in finals:
             continue
         for m in methods:
-            if m.name == ref:
+            if m.name == ref or f"{ref} - {m.name}" in out:
                 continue
             seeds = sorted(set(finals[m.name]) & set(finals[ref]))
             out[f"{m.name} - {ref}"] = {
@@ -119,8 +119,9 @@ def _overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
 def reading(doc: dict[str, Any]) -> list[str]:
     """Plain sentences on which intervals overlap (computed, not hand-written)."""
     summary, lines = doc["summary"], []
-    if len(doc["meta"]["seeds"]) < 2:
-        return ["One seed: no confidence intervals, nothing can be told apart."]
+    if len(doc["meta"]["seeds"]) < 3:
+        return [f"{len(doc['meta']['seeds'])} seed(s): the intervals are too wide (or "
+                "degenerate) to tell methods apart; use at least 3 seeds, 5 by default."]
     for key, label in (("greedy", "greedy"), ("sampled", "sampled")):
         best = max(summary, key=lambda n: summary[n][key]["mean"])
         apart = [n for n in summary if n != best and not _overlaps(summary[n][key],
@@ -139,7 +140,10 @@ def reading(doc: dict[str, Any]) -> list[str]:
             if not math.isnan(d["ci"]) and abs(d["mean"]) > d["ci"]:
                 lines.append(f"Paired by seed, {pair} {key} accuracy = "
                              f"{_fmt(d, 100)} points: the interval excludes 0.")
-    if len(lines) == 2:
+    lines.append(f"{len(doc['paired'])} paired comparisons per accuracy: at 95% about "
+                 f"{0.05 * len(doc['paired']):.1f} of them would exclude 0 by chance alone, "
+                 "so read a consistent pattern, not one pair.")
+    if len(lines) == 3:
         lines.append("No paired difference (method minus GRPO or minus HAPO, same seed) "
                      "has a 95% interval that excludes 0: no difference on this task at "
                      "this budget.")
@@ -209,7 +213,7 @@ def write(doc: dict[str, Any], text: str, out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(_rounded(doc), f, indent=1)
+        json.dump(_rounded(doc), f, separators=(",", ":"))
     with open(paths[1], "w", encoding="utf-8") as f:
         f.write(text)
     return paths + plot(doc, out_dir)
@@ -260,7 +264,7 @@ def plot(doc: dict[str, Any], out_dir: str) -> list[str]:
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        axes[1 if filename == "rl_curves.png" else 0].legend(fontsize=8, loc="upper left")
         fig.suptitle(f"digit sorting, GRU policy, {n} seeds, mean and 95% band"
                      + (" (training curves: 9-step moving average)"
                         if filename == "rl_curves.png" else " (9-step moving average)"),
