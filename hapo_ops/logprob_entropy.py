@@ -58,24 +58,28 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 # Torch path: blocks of rows, each reduced with the algebra of hapo_ops.row_statistics.
 # ---------------------------------------------------------------------------------------
 
-def row_blocks(logits: torch.Tensor, chunk_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, (n, V) view) blocks covering the rows of ``logits`` (..., V) in order.
+def row_blocks(logits: torch.Tensor, chunk_tokens: int, *alike: torch.Tensor
+               ) -> Iterator[tuple]:
+    """(first row, (n, V) view of ``logits``, the same rows of each of ``alike``) blocks
+    covering the rows of ``logits`` (..., V) in order; ``alike`` tensors have its shape.
 
     Views, never copies, so that an in-place backward writes into the caller's buffer:
-    leading dims that cannot be flattened into one (a slice such as ``logits[:, :-1]``) are
-    walked one index of the first dim at a time.
+    leading dims that cannot be flattened into one in every tensor (a slice such as
+    ``logits[:, :-1]``) are walked one index of the first dim at a time, in all of them.
     """
     vocab = logits.shape[-1]
+    tensors = (logits,) + alike
     try:
-        rows = logits.view(-1, vocab)
+        flat = [t.view(-1, vocab) for t in tensors]
     except RuntimeError:
         per_index = logits[0].numel() // max(vocab, 1) if logits.shape[0] else 0
         for index in range(logits.shape[0]):
-            for start, block in row_blocks(logits[index], chunk_tokens):
-                yield index * per_index + start, block
+            for start, *blocks in row_blocks(logits[index], chunk_tokens,
+                                             *(t[index] for t in alike)):
+                yield (index * per_index + start, *blocks)
         return
-    for start in range(0, rows.shape[0], chunk_tokens):
-        yield start, rows[start:start + chunk_tokens]
+    for start in range(0, flat[0].shape[0], chunk_tokens):
+        yield (start, *(rows[start:start + chunk_tokens] for rows in flat))
 
 
 def torch_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
@@ -152,9 +156,7 @@ def torch_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: 
         grad_logp = torch.where(in_shard & (labels != ignore_index), grad_logp, 0.0)
     label_weight = None if grad_logp is None else torch.where(in_shard, grad_logp, 0.0)
     label_index = labels.clamp(0, max(vocab - 1, 0))
-    out_blocks = row_blocks(out, chunk_tokens)
-    for start, block in row_blocks(logits, chunk_tokens):
-        _, out_block = next(out_blocks)
+    for start, block, out_block in row_blocks(logits, chunk_tokens, out):
         rows = slice(start, start + block.shape[0])
         log_p = log_probabilities(saturate_above(block, _rows(threshold, rows)), state[rows],
                                   inv_temperature[rows])

@@ -149,16 +149,18 @@ def test_torch_path_blocks_are_invisible():
 
 @pytest.mark.parametrize("impl,device", IMPL_DEVICES)
 @pytest.mark.parametrize("chunk_tokens", [None, 2])
-def test_inplace_backward_on_a_slice(impl, device, chunk_tokens):
-    """``logits[:, :-1]`` with ``inplace_backward``: the gradient lands in the slice of the
-    base tensor, the last position gets none (the slice cannot be viewed as 2-D)."""
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_on_a_slice(impl, device, chunk_tokens, inplace):
+    """``logits[:, :-1]`` (which cannot be viewed as 2-D), with and without
+    ``inplace_backward``: the gradient lands in the slice of the base tensor, the last
+    position gets none."""
     torch.manual_seed(11)
     base = torch.randn(3, 6, 37, device=device)
     labels = torch.randint(0, 37, (3, 5), device=device)
     leaf = base.clone().requires_grad_()
-    work = leaf * 1.0
+    work = leaf * 1.0 if inplace else leaf
     logp, entropy = hapo_ops.logprobs_and_entropy(work[:, :-1], labels, impl=impl,
-                                                  inplace_backward=True,
+                                                  inplace_backward=inplace,
                                                   chunk_tokens=chunk_tokens)
     g_logp, g_entropy = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     (logp * g_logp + entropy * g_entropy).sum().backward()
