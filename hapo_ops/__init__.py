@@ -3,11 +3,13 @@
 Small pure functions; each docstring gives its formula and source. See README.md.
 
 Layers, each importing only the ones above it: ``collectives`` (reductions over a process
-group) → ``row_statistics`` (the per-row algebra of log-prob and entropy) → the ops over a
-vocabulary (``logprob_entropy``, ``linear_logprob_entropy``, ``sampling``; Triton kernels of
-the same names in ``hapo_ops.kernels``) and the trainer ops (``entropy_signal``,
-``advantages``, ``losses``, ``temperature``) → ``integrations`` (optional framework glue,
-never imported by the core).
+group) → ``row_statistics`` (the per-row algebra of log-prob and entropy) → ``truncation``
+(top-k/top-p thresholds and kept sets) → the ops over a vocabulary (``logprob_entropy``,
+``linear_logprob_entropy``, ``sampling``; Triton kernels of the same names in
+``hapo_ops.kernels``) and the trainer ops (``entropy_signal``, ``temperature``,
+``advantages``, ``losses``, ``token_selection``, ``companion_losses``,
+``rollout_correction``) → ``integrations`` (optional framework glue, never imported by the
+core).
 """
 
 from hapo_ops.advantages import (grpo_advantages, redistribute_advantages,
