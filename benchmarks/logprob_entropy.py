@@ -162,8 +162,8 @@ def hapo_impl(impl: str, modes: tuple[str, ...] = ALL_MODES, **extra: Any) -> Im
 EAGER = Impl("torch-eager", (FORWARD, FWD_BWD),
              lambda mode: make_step(eager_logprobs_and_entropy, mode),
              note="log_softmax + softmax in fp32: several N×V fp32 tensors")
-TORCH_NOTE = ("vocabulary-chunked PyTorch path: about 4M logits per chunk, so its memory "
-              "stays bounded where eager holds several N×V fp32 tensors")
+TORCH_NOTE = ("row-blocked PyTorch path: about 1M logits per block on CPU (16M on a GPU), "
+              "so its memory stays bounded where eager holds several N×V fp32 tensors")
 
 
 def available_impls(*, full: bool) -> list[Impl]:

@@ -55,10 +55,10 @@ def hapo_sample(impl: str) -> Callable[[torch.Tensor, object], object]:
 BASELINE = "torch-eager"
 NOTES = {
     "hapo-triton": "one kernel: entropy pass, then Gumbel-max at T; nothing B×V written",
-    "hapo-torch": ("row chunks, bounded memory; slower than eager on CPU: the exact entropy, "
-                   "the race (one Exp(1) draw per logit, as multinomial also draws) and the "
-                   "log-prob at T are separate passes of about ten elementwise ops per chunk, "
-                   "where eager runs two fused log_softmax kernels"),
+    "hapo-torch": ("row chunks, bounded memory: the exact entropy, the race (one Exp(1) "
+                   "draw per logit, as multinomial also draws) and the log-prob at T are "
+                   "separate passes over cache-sized blocks, where eager materialises "
+                   "several B×V fp32 tensors"),
     "torch-eager": "full softmax twice, multinomial; several B×V fp32 tensors",
 }
 
