@@ -60,26 +60,41 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 
 def row_blocks(logits: torch.Tensor, chunk_tokens: int, *alike: torch.Tensor
                ) -> Iterator[tuple]:
-    """(first row, (n, V) view of ``logits``, the same rows of each of ``alike``) blocks
+    """(first row, (n, V) rows of ``logits``, the same rows of each of ``alike``) blocks
     covering the rows of ``logits`` (..., V) in order; ``alike`` tensors have its shape.
 
-    Views, never copies, so that an in-place backward writes into the caller's buffer:
-    leading dims that cannot be flattened into one in every tensor (a slice such as
-    ``logits[:, :-1]``) are walked one index of the first dim at a time, in all of them.
+    Where the leading dims flatten (in every tensor), each block is a view. Otherwise (a
+    slice such as ``logits[:, :-1]``) blocks are slabs of whole indices of the first dim:
+    the ``logits`` rows are read through a block-sized copy, and the ``alike`` blocks stay
+    views of shape (k, ..., V), so that an in-place backward writes into the caller's
+    buffer (``block.copy_(rows.view(block.shape))``).
     """
     vocab = logits.shape[-1]
     tensors = (logits,) + alike
     try:
         flat = [t.view(-1, vocab) for t in tensors]
     except RuntimeError:
-        per_index = logits[0].numel() // max(vocab, 1) if logits.shape[0] else 0
+        yield from _slab_blocks(logits, chunk_tokens, alike)
+        return
+    for start in range(0, flat[0].shape[0], chunk_tokens):
+        yield (start, *(rows[start:start + chunk_tokens] for rows in flat))
+
+
+def _slab_blocks(logits: torch.Tensor, chunk_tokens: int, alike: tuple[torch.Tensor, ...]
+                 ) -> Iterator[tuple]:
+    vocab = logits.shape[-1]
+    per_index = logits[0].numel() // max(vocab, 1) if logits.shape[0] else 0
+    if per_index > chunk_tokens:  # one index of the first dim holds more than a block
         for index in range(logits.shape[0]):
             for start, *blocks in row_blocks(logits[index], chunk_tokens,
                                              *(t[index] for t in alike)):
                 yield (index * per_index + start, *blocks)
         return
-    for start in range(0, flat[0].shape[0], chunk_tokens):
-        yield (start, *(rows[start:start + chunk_tokens] for rows in flat))
+    step = max(1, chunk_tokens // max(per_index, 1))
+    for first in range(0, logits.shape[0], step):
+        last = min(first + step, logits.shape[0])
+        yield (first * per_index, logits[first:last].reshape(-1, vocab),
+               *(t[first:last] for t in alike))
 
 
 def torch_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: torch.Tensor,
@@ -164,7 +179,7 @@ def torch_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: 
             log_p, entropy[rows], None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows], label_index[rows],
             None if label_weight is None else label_weight[rows], inv_temperature[rows])
-        out_block.copy_(grad)
+        out_block.copy_(grad.view(out_block.shape))
     return out
 
 

@@ -127,13 +127,15 @@ def row_statistics(row_ptr, vocab, scale, BLOCK_V: tl.constexpr):
     ``BLOCK_V`` blocks, the next block's load issued before the current one is reduced (so
     memory latency overlaps the arithmetic), then the lane sums merged:
     rest = Σ_lanes rest + (ties - 1)."""
-    return row_statistics_above(row_ptr, vocab, scale, NEG_LARGE, BLOCK_V)
+    return row_statistics_above(row_ptr, vocab, scale, NEG_LARGE, BLOCK_V, False)
 
 
 @triton.jit
-def row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V: tl.constexpr):
+def row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V: tl.constexpr,
+                         HAS_THRESHOLD: tl.constexpr):
     """``row_statistics`` of the entries z ≥ ``threshold`` (raw units; the others count as
-    -inf): the statistics of a truncated distribution (``hapo_ops.truncation``)."""
+    -inf): the statistics of a truncated distribution (``hapo_ops.truncation``). Without
+    ``HAS_THRESHOLD`` the comparison is compiled out of the inner loop."""
     lanes = tl.arange(0, BLOCK_V)
     row_max = tl.full([], NEG_LARGE, tl.float32)
     rest = tl.zeros([BLOCK_V], tl.float32)
@@ -145,7 +147,8 @@ def row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V: tl.constexpr
         offsets = start + BLOCK_V + lanes
         z_next = tl.load(row_ptr + offsets, mask=offsets < vocab, other=float("-inf"))
         z = saturate(z)
-        z = tl.where(z < threshold, NEG_LARGE, z)
+        if HAS_THRESHOLD:
+            z = tl.where(z < threshold, NEG_LARGE, z)
         row_max, rest, spread, ties = accumulate_block(z, scale, row_max, rest, spread, ties)
     rest_total = tl.sum(rest, axis=0) + (tl.sum(ties, axis=0) - 1.0)
     return row_max, rest_total, tl.sum(spread, axis=0)

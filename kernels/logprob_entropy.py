@@ -45,7 +45,8 @@ def _logprob_entropy_fwd_kernel(
     threshold = NEG_LARGE
     if HAS_THRESHOLD:  # a truncated distribution: only the entries z ≥ θ count
         threshold = tl.load(threshold_ptr + row)
-    row_max, rest, spread = row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V)
+    row_max, rest, spread = row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V,
+                                                 HAS_THRESHOLD)
     label = tl.load(labels_ptr + row).to(tl.int64)
     in_range = (label >= 0) & (label < vocab)
     label_logit = saturate(tl.load(row_ptr + tl.where(in_range, label, 0)))

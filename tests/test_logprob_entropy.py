@@ -148,7 +148,8 @@ def test_torch_path_blocks_are_invisible():
 
 
 @pytest.mark.parametrize("impl,device", IMPL_DEVICES)
-@pytest.mark.parametrize("chunk_tokens", [None, 2])
+# Blocks: every index at once, two indices, one index, and rows inside one index.
+@pytest.mark.parametrize("chunk_tokens", [None, 10, 7, 2])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_backward_on_a_slice(impl, device, chunk_tokens, inplace):
     """``logits[:, :-1]`` (which cannot be viewed as 2-D), with and without
