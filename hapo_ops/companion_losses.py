@@ -35,7 +35,7 @@ from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
 from hapo_ops.collectives import ProcessGroup, all_reduce_sum, exclusive_prefix_sum
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
                              check_policy_inputs, clamped_log_ratio, clipped_surrogate,
-                             masked_advantages, masked_mean)
+                             masked_advantages, masked_mean, ratio_and_advantages)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -293,9 +293,8 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     weights = _check_weights(weights, logprobs, valid)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    ratio = log_ratio.exp()
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
+    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
+                                                 log_ratio_clamp)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     per_token, unclipped, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
     with torch.no_grad():
@@ -381,9 +380,8 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     weights = _check_weights(weights, logprobs, valid)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    ratio = log_ratio.exp()
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
+    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
+                                                 log_ratio_clamp)
     with torch.no_grad():
         cov, count = _centred_covariance(adv, logprobs, valid, group)
         # Largest covariance first: the smallest of -Cov (+ 0.0 turns -0.0 into +0.0).

@@ -185,6 +185,15 @@ def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
     return torch.where(valid, advantages.detach().to(dtype), zero)
 
 
+def ratio_and_advantages(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                         advantages: torch.Tensor, valid: torch.Tensor, log_ratio_clamp: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log r, r, A) of a policy loss: the clamped log-ratio, r = exp(log r) and the masked,
+    detached advantages, all 0-safe at masked positions."""
+    log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
+    return log_ratio, log_ratio.exp(), masked_advantages(advantages, valid, logprobs.dtype)
+
+
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrTensor,
                       eps_high: ScalarOrTensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,9 +231,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     check_choice("agg", agg, AGGREGATION_MODES)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    ratio = log_ratio.exp()
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
+    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
+                                                 log_ratio_clamp)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
     capped = torch.zeros_like(valid)
