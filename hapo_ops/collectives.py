@@ -13,6 +13,16 @@ import torch.distributed as dist
 ProcessGroup = dist.ProcessGroup
 
 
+def check_process_group(name: str, group: object, *, optional: bool = True
+                        ) -> ProcessGroup | None:
+    """``group`` as a ProcessGroup (or None when ``optional``); a TypeError naming ``name``
+    otherwise."""
+    if (group is None and optional) or isinstance(group, ProcessGroup):
+        return group
+    expected = "a torch.distributed ProcessGroup" + (" or None" if optional else "")
+    raise TypeError(f"{name} must be {expected}, got {type(group).__name__}")
+
+
 def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None
                 ) -> torch.Tensor:
     if group is None:
@@ -68,5 +78,5 @@ def exclusive_prefix_sum(value: int | torch.Tensor, group: ProcessGroup | None =
     return torch.cat(values)[: dist.get_rank(group)].sum()
 
 
-__all__ = ["ProcessGroup", "all_gather_rows", "all_reduce_max",
+__all__ = ["ProcessGroup", "check_process_group", "all_gather_rows", "all_reduce_max",
            "all_reduce_sum", "exclusive_prefix_sum"]

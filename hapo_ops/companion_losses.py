@@ -27,12 +27,12 @@ import functools
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from hapo_ops._selection import kth_smallest
 from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_same_device)
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum, exclusive_prefix_sum
+from hapo_ops.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
+                                  exclusive_prefix_sum)
 from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
                              check_policy_inputs, clamped_log_ratio, clipped_surrogate,
                              masked_advantages, masked_mean, ratio_and_advantages)
@@ -43,13 +43,6 @@ _KEY_BITS = 24          # random keys are integers below 2^24: exact in float32
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _check_group(group: object) -> ProcessGroup | None:
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got "
-                        f"{type(group).__name__}")
-    return group
 
 
 def _check_weights(weights: torch.Tensor | None, ref: torch.Tensor, valid: torch.Tensor
@@ -90,7 +83,7 @@ def _check_common(log_ratio_clamp: float, agg: str, group: object) -> tuple[floa
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
     check_choice("agg", agg, AGGREGATION_MODES)
-    return log_ratio_clamp, _check_group(group)
+    return log_ratio_clamp, check_process_group("group", group)
 
 
 def _k3(ratio: torch.Tensor, log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

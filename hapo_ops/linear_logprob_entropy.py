@@ -39,15 +39,15 @@ from __future__ import annotations
 import torch
 
 from hapo_ops._validation import check_choice, check_tensor
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum
-from hapo_ops.logprob_entropy import check_tp_group, shard_vocab_start
+from hapo_ops.collectives import ProcessGroup, all_reduce_sum, check_process_group
+from hapo_ops.logprob_entropy import shard_vocab_start
 from hapo_ops.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, block_statistics,
                                      combine_parts, combine_vocab_shards, finish, label_logits,
                                      log_probabilities, mask_logprobs, parts_reducers,
                                      shard_labels, softmax_gradient)
 from hapo_ops.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
-                                   checks_values, inverse_temperature, prepare_temperature,
-                                   resolve_impl)
+                                   checks_values, flat_float32, inverse_temperature,
+                                   prepare_temperature, resolve_impl)
 
 # Torch path block sizes: a 1024 × 8192 fp32 block is 32 MiB (three temporaries: 96 MiB,
 # against 5 GiB of bf16 logits at 16k × 152k).
@@ -280,17 +280,13 @@ def _linear_op_backward(ctx, grad_logp, grad_entropy, grad_state):
     scalar_temperature, ignore_index, impl, fp32_precision, chunk_tokens, chunk_vocab = ctx.options
     gh, gw, gb = _linear_backward_op(
         hidden, weight, bias, labels, temperature, scalar_temperature, state, entropy,
-        _flat_grad(grad_logp), _flat_grad(grad_entropy), ignore_index, impl, fp32_precision,
+        flat_float32(grad_logp), flat_float32(grad_entropy), ignore_index, impl, fp32_precision,
         chunk_tokens, chunk_vocab, want_hidden, want_weight, want_bias)
     return ((gh if want_hidden else None), (gw if want_weight else None),
             (gb if want_bias else None)) + none
 
 
 _linear_op.register_autograd(_linear_op_backward, setup_context=_linear_setup_context)
-
-
-def _flat_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None else grad.reshape(-1).to(torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,12 +324,12 @@ class _VocabParallelLinear(torch.autograd.Function):
         none = (None,) * 12
         if (grad_logp is None and grad_entropy is None) or not any(want):
             return (None, None, None) + none
-        grad_logp = _flat_grad(grad_logp)
+        grad_logp = flat_float32(grad_logp)
         if grad_logp is not None:
             grad_logp = torch.where(logp_ok, grad_logp, 0.0)
         scalar_temperature, ignore_index, impl, fp32_precision, chunk_tokens, chunk_vocab = ctx.options
         gh, gw, gb = _backward(hidden, weight, bias, labels, temperature, scalar_temperature,
-                               state, entropy, grad_logp, _flat_grad(grad_entropy), ignore_index,
+                               state, entropy, grad_logp, flat_float32(grad_entropy), ignore_index,
                                impl, fp32_precision, chunk_tokens, chunk_vocab, want,
                                sharded=True)
         if gh is not None:
@@ -434,7 +430,7 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     chunk_tokens = check_chunk("chunk_tokens", chunk_tokens)
     chunk_vocab = check_chunk("chunk_vocab", chunk_vocab) or CHUNK_VOCAB
     if tp_group is not None:
-        check_tp_group(tp_group)
+        check_process_group("tp_group", tp_group, optional=False)
     elif vocab_start is not None:
         raise ValueError("vocab_start is only meaningful with tp_group; got tp_group=None")
     check_values = checks_values(hidden, validate)

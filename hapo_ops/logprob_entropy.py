@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from hapo_ops._validation import check_tensor
-from hapo_ops.collectives import (ProcessGroup, all_reduce_max, all_reduce_sum,
+from hapo_ops.collectives import (ProcessGroup, check_process_group, all_reduce_max, all_reduce_sum,
                                   exclusive_prefix_sum)
 from hapo_ops.row_statistics import (NEG_LARGE, RowStatistics, block_statistics,
                                      combine_parts, combine_vocab_shards, finish, label_logits,
@@ -39,8 +39,8 @@ from hapo_ops.truncation import (TORCH_DIGIT_BITS, TRITON_DIGIT_BITS, candidate_
                                  label_position, saturated_row_max, scatter_kept, thresholds,
                                  torch_candidate_sums, truncates)
 from hapo_ops.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
-                                   checks_values, inverse_temperature, prepare_temperature,
-                                   resolve_impl)
+                                   checks_values, flat_float32, inverse_temperature,
+                                   prepare_temperature, resolve_impl)
 
 # Logits per block of the torch path: about 1M on CPU (three fp32 temporaries of 4 MiB,
 # well under a quarter of any realistic logits tensor), 16M on accelerators (fewer launches).
@@ -250,10 +250,6 @@ def truncation_threshold(logits: torch.Tensor, temperature: torch.Tensor | None,
                       logits.device, lambda x: all_reduce_sum(x, group))
 
 
-def _flat_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None else grad.reshape(-1).to(torch.float32).contiguous()
-
-
 # ---------------------------------------------------------------------------------------
 # Unsharded: custom ops, one autograd home for both paths, visible to torch.compile.
 # ``threshold`` (N,) or None: the truncated distribution over the entries z ≥ θ.
@@ -328,7 +324,7 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_logp, grad_entropy, grad_state):
     logits, labels, temperature, state, entropy, threshold, dropped = ctx.saved_tensors
-    grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+    grad_logp, grad_entropy = flat_float32(grad_logp), flat_float32(grad_entropy)
     if grad_logp is None and grad_entropy is None:
         return (None,) * ctx.n_inputs
     if grad_logp is not None and dropped is not None:
@@ -449,7 +445,7 @@ def _kept_setup_context(ctx, inputs, output):
 
 def _kept_op_backward(ctx, grad_logp, grad_entropy, grad_state):
     logits, kept_ids, labels, temperature, state, entropy = ctx.saved_tensors
-    grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+    grad_logp, grad_entropy = flat_float32(grad_logp), flat_float32(grad_entropy)
     if grad_logp is None and grad_entropy is None:
         return (None,) * 7
     args = (logits, kept_ids, labels, temperature, ctx.scalar_temperature, state,
@@ -498,7 +494,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         none = (None,) * 12
         if grad_logp is None and grad_entropy is None:
             return (None,) + none
-        grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+        grad_logp, grad_entropy = flat_float32(grad_logp), flat_float32(grad_entropy)
         if grad_logp is not None:
             grad_logp = torch.where(logp_ok, grad_logp, 0.0)
         grad = _backward(logits, local_labels, temperature, ctx.scalar_temperature, state,
@@ -540,7 +536,7 @@ class _VocabParallelKept(torch.autograd.Function):
         none = (None,) * 8
         if grad_logp is None and grad_entropy is None:
             return (None,) + none
-        grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+        grad_logp, grad_entropy = flat_float32(grad_logp), flat_float32(grad_entropy)
         label_weight = None
         if grad_logp is not None:
             grad_logp = torch.where(logp_ok, grad_logp, 0.0)
@@ -551,13 +547,6 @@ class _VocabParallelKept(torch.autograd.Function):
         grad = kept_gradient(z, state, entropy, grad_logp, grad_entropy, position, label_weight,
                              inv_t)
         return (scatter_kept(grad, index, use, logits, logits if ctx.inplace else None),) + none
-
-
-def check_tp_group(tp_group: object) -> ProcessGroup:
-    if not isinstance(tp_group, ProcessGroup):
-        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, "
-                        f"got {type(tp_group).__name__}")
-    return tp_group
 
 
 def shard_vocab_start(vocab_start: object, shard_size: int, tp_group: ProcessGroup,
@@ -722,7 +711,7 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
                                                 ignore_index, impl, bool(inplace_backward),
                                                 chunk_tokens, *extra)
         return logp, entropy
-    check_tp_group(tp_group)
+    check_process_group("tp_group", tp_group, optional=False)
     if kept is not None:
         start = shard_vocab_start(vocab_start, vocab, tp_group, logits.device)
         return _VocabParallelKept.apply(logits, kept, flat_labels, t_tensor, t_scalar,
@@ -802,11 +791,11 @@ def vocab_parallel_logprobs_and_entropy(
     return logprobs_and_entropy(logits, labels, temperature=temperature,
                                 ignore_index=ignore_index, impl=impl,
                                 inplace_backward=inplace_backward, validate=validate,
-                                tp_group=check_tp_group(tp_group), vocab_start=vocab_start,
+                                tp_group=check_process_group("tp_group", tp_group, optional=False), vocab_start=vocab_start,
                                 chunk_tokens=chunk_tokens, kept_ids=kept_ids, top_k=top_k,
                                 top_p=top_p)
 
 
-__all__ = ["check_tp_group", "default_chunk_tokens", "logprobs_and_entropy", "row_blocks",
+__all__ = ["default_chunk_tokens", "logprobs_and_entropy", "row_blocks",
            "saturate_above", "shard_vocab_start", "token_entropy", "token_logprobs",
            "truncation_threshold", "vocab_parallel_logprobs_and_entropy"]

@@ -108,6 +108,11 @@ def inverse_temperature(temperature: torch.Tensor | None, scalar_temperature: fl
     return 1.0 / temperature
 
 
+def flat_float32(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """An upstream gradient as a flat contiguous float32 tensor (None stays None)."""
+    return None if grad is None else grad.reshape(-1).to(torch.float32).contiguous()
+
+
 def check_chunk(name: str, value: object) -> int | None:
     """None (the default) or a positive int."""
     if value is None:
@@ -118,4 +123,4 @@ def check_chunk(name: str, value: object) -> int | None:
 
 
 __all__ = ["IMPLS", "check_chunk", "check_ignore_index", "check_token_labels", "checks_values",
-           "inverse_temperature", "prepare_temperature", "resolve_impl", "triton_available"]
+           "flat_float32", "inverse_temperature", "prepare_temperature", "resolve_impl", "triton_available"]

@@ -20,24 +20,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.distributed as dist
 
 from hapo_ops._selection import kth_smallest
 from hapo_ops._validation import check_float, check_mask, check_same_device, check_tensor
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum
+from hapo_ops.collectives import ProcessGroup, all_reduce_sum, check_process_group
+from hapo_ops.entropy_signal import nearest_rank
 
 _ACCUMULATE = torch.float64
-
-
-def _check_group(group: object) -> None:
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got "
-                        f"{type(group).__name__}")
-
-
-def _nearest_rank(count: torch.Tensor, quantile: float) -> torch.Tensor:
-    """k = round(q·(n-1)) + 1, round half to even (Python's ``round``), int64."""
-    return torch.round(quantile * (count - 1).to(_ACCUMULATE)).to(torch.int64) + 1
 
 
 def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
@@ -109,7 +98,7 @@ def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
     if per_sequence and group is not None:
         raise ValueError("group must be None with per_sequence=True: each response's "
                          "threshold uses only its own tokens")
-    _check_group(group)
+    check_process_group("group", group)
     quantile = 1.0 - top_fraction
     with torch.no_grad():
         # + 0.0 turns -0.0 into +0.0, so that float comparisons and the radix order agree.
@@ -122,7 +111,7 @@ def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
         count = valid.sum(dtype=torch.int64)
         if reduce_counts is not None:
             count = reduce_counts(count)
-        k = _nearest_rank(count, quantile).clamp_min(1)
+        k = nearest_rank(count, quantile).clamp_min(1)
         threshold = kth_smallest(values, valid, k, reduce_counts)
         return valid & (values >= threshold) & (count > 0)
 
@@ -136,7 +125,7 @@ def _per_sequence_mask(values: torch.Tensor, valid: torch.Tensor, quantile: floa
     filled = torch.where(valid, values, torch.full_like(values, float("inf")))
     ordered = filled.sort(dim=-1).values
     count = valid.sum(-1, dtype=torch.int64)
-    k = _nearest_rank(count, quantile).clamp(1, values.shape[-1])
+    k = nearest_rank(count, quantile).clamp(1, values.shape[-1])
     threshold = ordered.gather(-1, (k - 1).unsqueeze(-1))
     return valid & (values >= threshold) & (count > 0).unsqueeze(-1)
 
@@ -196,7 +185,7 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
         raise ValueError(f"advantages must have shape {tuple(entropy.shape[:-1])} (one per "
                          f"response) or {tuple(entropy.shape)} (per token), got "
                          f"{tuple(advantages.shape)}")
-    _check_group(group)
+    check_process_group("group", group)
     if max_scale is not None:
         max_scale = check_float("max_scale", max_scale, min_value=0.0, min_inclusive=False)
     with torch.no_grad():
