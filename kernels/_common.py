@@ -1,7 +1,7 @@
 """What every Triton kernel of hapo-ops shares: constants, the per-row statistics as jit
 helpers, row addressing and launch configuration.
 
-The statistics are those of ``hapo_ops.row_statistics`` (where the algebra is derived), in
+The statistics are those of ``hapo_ops.vocab.row_statistics`` (where the algebra is derived), in
 the kernels' units: with M the row max of the raw logits z and scale = log2(e)/T,
 
     d_v = (z_v - M)·scale  (≤ 0, log2 units),   rest = Σ_{v≠argmax} 2^d_v,   spread = -Σ 2^d_v·d_v
@@ -134,7 +134,7 @@ def row_statistics(row_ptr, vocab, scale, BLOCK_V: tl.constexpr):
 def row_statistics_above(row_ptr, vocab, scale, threshold, BLOCK_V: tl.constexpr,
                          HAS_THRESHOLD: tl.constexpr):
     """``row_statistics`` of the entries z ≥ ``threshold`` (raw units; the others count as
-    -inf): the statistics of a truncated distribution (``hapo_ops.truncation``). Without
+    -inf): the statistics of a truncated distribution (``hapo_ops.vocab.truncation``). Without
     ``HAS_THRESHOLD`` the comparison is compiled out of the inner loop."""
     lanes = tl.arange(0, BLOCK_V)
     row_max = tl.full([], NEG_LARGE, tl.float32)

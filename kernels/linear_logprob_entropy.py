@@ -6,7 +6,7 @@ hidden · weightᵀ over D in BLOCK_D steps with ``tl.dot`` (fp32 accumulator, t
 for 2-byte dtypes), adds the bias and folds the tile into per-row running statistics
 (``_common.accumulate_tile``: max in raw units, rest off the max, tie count, spread; every
 term non-negative). Each (row, split) leaves the four columns of
-``hapo_ops.row_statistics.RowStatistics``; the caller combines the splits exactly
+``hapo_ops.vocab.row_statistics.RowStatistics``; the caller combines the splits exactly
 (``combine_parts``, O(N·splits)). Splitting V gives the GPU enough programs at N = 8192 (64
 token tiles alone would leave half an H100 idle) and lets concurrent programs share weight
 tiles through L2. The split size is fixed (``SPLIT_VOCAB``, never a function of N), so a

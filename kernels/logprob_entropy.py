@@ -5,7 +5,7 @@ Forward (``_logprob_entropy_fwd_kernel``): one program per row streams the row o
 FMAs per element, every term non-negative), then writes logp, H and the per-row state
 (M, log1p(rest)) from which the backward rebuilds log p_v without the rounding of a large
 log-sum-exp. With ``ROW_STATISTICS`` it writes the raw statistics instead (one
-vocabulary shard: combined across ranks by ``hapo_ops.row_statistics.combine_parts``).
+vocabulary shard: combined across ranks by ``hapo_ops.vocab.row_statistics.combine_parts``).
 
 Backward (``_logprob_entropy_bwd_kernel``): one read of the row and one write of the gradient
 (into a new tensor, or in place over the logits):
@@ -52,7 +52,7 @@ def _logprob_entropy_fwd_kernel(
     label_logit = saturate(tl.load(row_ptr + tl.where(in_range, label, 0)))
     label_logit = tl.where(label_logit < threshold, NEG_LARGE, label_logit)
     if ROW_STATISTICS:
-        # The columns of hapo_ops.row_statistics.RowStatistics, spread in nats.
+        # The columns of hapo_ops.vocab.row_statistics.RowStatistics, spread in nats.
         tl.store(state_ptr + 4 * row, row_max)
         tl.store(state_ptr + 4 * row + 1, rest)
         tl.store(state_ptr + 4 * row + 2, spread * LN2)
@@ -156,7 +156,7 @@ def logprob_entropy_row_statistics(logits: torch.Tensor, labels: torch.Tensor,
                                    temperature: torch.Tensor | None, scalar_temperature: float,
                                    *, config: KernelConfig | None = None,
                                    threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, 4) float32 columns of ``hapo_ops.row_statistics.RowStatistics`` (M, rest,
+    """(N, 4) float32 columns of ``hapo_ops.vocab.row_statistics.RowStatistics`` (M, rest,
     spread in nats, label logit: meaningful where 0 ≤ label < V), for vocabulary shards;
     over the entries z ≥ ``threshold`` (N,) when given."""
     stats = torch.empty((labels.numel(), 4), dtype=torch.float32, device=logits.device)

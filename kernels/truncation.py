@@ -1,4 +1,4 @@
-"""One pass of the top-k/top-p threshold search (``hapo_ops.truncation``) over logits rows.
+"""One pass of the top-k/top-p threshold search (``hapo_ops.vocab.truncation``) over logits rows.
 
 One program per row reads the row once in ``BLOCK_V`` blocks and sums, for each of the row's
 ``RADIX`` candidate thresholds θ_d (fp32 logits, increasing in d),

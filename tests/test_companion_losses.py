@@ -13,9 +13,9 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo_ops.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
+from hapo_ops.rl.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
                                        gspo_policy_loss, kl_cov_policy_loss)
-from hapo_ops.losses import AGGREGATION_MODES, aggregate_loss
+from hapo_ops.rl.losses import AGGREGATION_MODES, aggregate_loss
 from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=25)

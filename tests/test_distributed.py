@@ -14,7 +14,7 @@ import torch.distributed as dist
 import hapo_ops
 from conftest import INTERPRETING
 from distributed_harness import run_ranks
-from hapo_ops.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
+from hapo_ops._utils.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
 
 IMPLS = ["torch"] + (["triton"] if INTERPRETING else [])
 

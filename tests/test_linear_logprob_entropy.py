@@ -22,10 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hapo_ops
 from conftest import (HAS_CUDA, IMPL_DEVICES, INTERPRETING, TRITON_DEVICE, requires_cuda,
                       requires_triton)
-from hapo_ops.linear_logprob_entropy import (CHUNK_TOKENS, CHUNK_VOCAB,
+from hapo_ops.vocab.linear_logprob_entropy import (CHUNK_TOKENS, CHUNK_VOCAB,
                                              linear_logprobs_and_entropy)
 from hapo_ops.reference import reference_logits_grad, reference_logprobs_and_entropy
-from hapo_ops.row_statistics import RowStatistics, combine_parts, parts_reducers
+from hapo_ops.vocab.row_statistics import RowStatistics, combine_parts, parts_reducers
 from tolerances import VALUE_TOL, assert_close
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy warnings of the interpreter

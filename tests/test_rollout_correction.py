@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo_ops.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
+from hapo_ops.rl.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
                                        gspo_policy_loss, kl_cov_policy_loss)
-from hapo_ops.losses import clipped_policy_loss, hapo_policy_loss
-from hapo_ops.rollout_correction import rollout_correction
+from hapo_ops.rl.losses import clipped_policy_loss, hapo_policy_loss
+from hapo_ops.rl.rollout_correction import rollout_correction
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=40)
 F64 = torch.float64

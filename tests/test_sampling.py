@@ -288,7 +288,7 @@ def test_top_k_top_p_torch_path():
 
 
 def test_filter_keeps_top_token_and_ties():
-    from hapo_ops.sampling import filter_top_k_top_p
+    from hapo_ops.vocab.sampling import filter_top_k_top_p
     scaled = torch.tensor([[5.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     top_k = filter_top_k_top_p(scaled, 2, None)
     assert torch.isfinite(top_k).sum(-1).tolist() == [3, 4]  # ties with the k-th stay

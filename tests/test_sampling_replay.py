@@ -300,7 +300,7 @@ def test_torch_and_triton_thresholds_keep_the_same_sets():
     thresholds that keep the same entries, for every dtype."""
     if not INTERPRETING and not HAS_CUDA:
         pytest.skip("needs Triton")
-    from hapo_ops.logprob_entropy import truncation_threshold
+    from hapo_ops.vocab.logprob_entropy import truncation_threshold
     device = "cuda" if HAS_CUDA else "cpu"
     torch.manual_seed(3)
     for dtype in DTYPES:
@@ -363,7 +363,7 @@ def test_sampler_log_prob_equals_recomputed_and_replayed():
 
 
 def test_filter_top_k_top_p_is_the_shared_rule():
-    from hapo_ops.sampling import filter_top_k_top_p
+    from hapo_ops.vocab.sampling import filter_top_k_top_p
     torch.manual_seed(6)
     scaled = torch.randn(7, 40) * 2
     for top_k, top_p in ((5, None), (None, 0.6), (10, 0.5)):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo_ops._selection import (float32_to_ordered_key, kth_smallest,
+from hapo_ops._utils.selection import (float32_to_ordered_key, kth_smallest,
                                  ordered_key_to_float32)
 
 finite_floats = st.floats(allow_nan=False, width=32)

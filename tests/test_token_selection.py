@@ -15,8 +15,8 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo_ops.losses import clipped_policy_loss
-from hapo_ops.token_selection import entropy_quantile_mask, sequence_entropy_advantages
+from hapo_ops.rl.losses import clipped_policy_loss
+from hapo_ops.rl.token_selection import entropy_quantile_mask, sequence_entropy_advantages
 from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=40)

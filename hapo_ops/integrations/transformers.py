@@ -25,10 +25,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("hapo_ops.integrations.transformers needs transformers: "
                       "pip install 'hapo-ops[transformers]'") from exc
 
-from hapo_ops._validation import check_float, check_variant
-from hapo_ops.entropy_signal import EntropyStats
-from hapo_ops.temperature import adaptive_temperature
-from hapo_ops.logprob_entropy import token_entropy
+from hapo_ops._utils.validation import check_float, check_variant
+from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.entropy.temperature import adaptive_temperature
+from hapo_ops.vocab.logprob_entropy import token_entropy
 
 
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import hapo_ops
-from hapo_ops._validation import check_choice, check_float
+from hapo_ops._utils.validation import check_choice, check_float
 
 try:
     from transformers import LogitsProcessorList

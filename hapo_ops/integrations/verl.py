@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import hapo_ops
-from hapo_ops._validation import check_choice, check_float
+from hapo_ops._utils.validation import check_choice, check_float
 
 try:
     from verl.trainer.ppo import core_algos

@@ -4,7 +4,7 @@
 
 without ever materializing the N×V logits: at 16k tokens and a 152k vocabulary they are the
 largest tensor of an RL step (5 GB in bf16, 10 GB in fp32). Same numerics as
-:func:`hapo_ops.logprobs_and_entropy` (the per-row statistics of ``hapo_ops.row_statistics``),
+:func:`hapo_ops.logprobs_and_entropy` (the per-row statistics of ``hapo_ops.vocab.row_statistics``),
 same gradients chained through the matmul:
 
     dz = [g_lp (1[v=y] - p) - g_H p (log p + H)] / T,
@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._validation import check_choice, check_tensor
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum, check_process_group
-from hapo_ops.logprob_entropy import shard_vocab_start
-from hapo_ops.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, block_statistics,
+from hapo_ops._utils.validation import check_choice, check_tensor
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
+from hapo_ops.vocab.logprob_entropy import shard_vocab_start
+from hapo_ops.vocab.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, block_statistics,
                                      combine_parts, combine_vocab_shards, finish, label_logits,
                                      log_probabilities, mask_logprobs, parts_reducers,
                                      shard_labels, softmax_gradient)
-from hapo_ops.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
+from hapo_ops.vocab.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
                                    checks_values, flat_float32, inverse_temperature,
                                    prepare_temperature, resolve_impl)
 

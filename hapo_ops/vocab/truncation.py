@@ -8,7 +8,7 @@ A truncated distribution keeps a set S of token ids per position and renormalize
     p_v = softmax(z/T)_v / Σ_{u∈S} softmax(z/T)_u  for v ∈ S, 0 elsewhere,
     logp = log p_y  (-inf for y ∉ S),   H = -Σ_{v∈S} p_v log p_v,
 
-i.e. the full-vocabulary formulas of ``hapo_ops.row_statistics`` over the entries of S only
+i.e. the full-vocabulary formulas of ``hapo_ops.vocab.row_statistics`` over the entries of S only
 (every other logit counts as -inf), so the same ``RowStatistics`` sums, ``finish`` and
 ``softmax_gradient`` apply, and gradients flow only into kept entries.
 
@@ -58,8 +58,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from hapo_ops._validation import check_tensor
-from hapo_ops.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, Reduce,
+from hapo_ops._utils.validation import check_tensor
+from hapo_ops.vocab.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, Reduce,
                                      block_statistics, log_probabilities, saturate,
                                      softmax_gradient)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._validation import (check_choice, check_float, check_mask, check_same_device,
+from hapo_ops._utils.validation import (check_choice, check_float, check_mask, check_same_device,
                                   check_same_shape, check_tensor)
 
 LEVELS = ("token", "sequence")

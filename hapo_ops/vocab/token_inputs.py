@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from hapo_ops._validation import check_choice, check_float, check_tensor
+from hapo_ops._utils.validation import check_choice, check_float, check_tensor
 
 IMPLS = ("auto", "torch", "triton")
 

@@ -10,12 +10,12 @@ from typing import NamedTuple
 
 import torch
 
-from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
+from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
-from hapo_ops.advantages import redistribute_advantages
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum
-from hapo_ops.entropy_signal import EntropyStats, entropy_stats, normalized_entropy
+from hapo_ops.rl.advantages import redistribute_advantages
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
+from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
 
 AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                      "seq-mean-token-sum-norm")

@@ -21,10 +21,10 @@ import functools
 
 import torch
 
-from hapo_ops._selection import kth_smallest
-from hapo_ops._validation import check_float, check_mask, check_same_device, check_tensor
-from hapo_ops.collectives import ProcessGroup, all_reduce_sum, check_process_group
-from hapo_ops.entropy_signal import nearest_rank
+from hapo_ops._utils.selection import kth_smallest
+from hapo_ops._utils.validation import check_float, check_mask, check_same_device, check_tensor
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
+from hapo_ops.entropy.signal import nearest_rank
 
 _ACCUMULATE = torch.float64
 

@@ -3,7 +3,7 @@
     logp = z_y/T - logsumexp(z/T),   H = logsumexp(z/T) - Σ_v softmax(z/T)_v · z_v/T,
     ∂logp/∂z_v = (1[v=y] - p_v)/T,   ∂H/∂z_v = -p_v (log p_v + H)/T.
 
-Both come from the per-row statistics of ``hapo_ops.row_statistics`` (exact for
+Both come from the per-row statistics of ``hapo_ops.vocab.row_statistics`` (exact for
 near-deterministic rows, where ``logsumexp - E[z/T]`` cancels in fp32). Two paths share this
 contract: ``impl="torch"`` (blocks of rows in PyTorch, bounded memory, any device) and
 ``impl="triton"`` (``hapo_ops.kernels.logprob_entropy``: one read of the logits forward, one
@@ -26,19 +26,19 @@ from collections.abc import Iterator
 
 import torch
 
-from hapo_ops._validation import check_tensor
-from hapo_ops.collectives import (ProcessGroup, check_process_group, all_reduce_max, all_reduce_sum,
+from hapo_ops._utils.validation import check_tensor
+from hapo_ops._utils.collectives import (ProcessGroup, check_process_group, all_reduce_max, all_reduce_sum,
                                   exclusive_prefix_sum)
-from hapo_ops.row_statistics import (NEG_LARGE, RowStatistics, block_statistics,
+from hapo_ops.vocab.row_statistics import (NEG_LARGE, RowStatistics, block_statistics,
                                      combine_parts, combine_vocab_shards, finish, label_logits,
                                      log_probabilities, mask_logprobs, saturate, shard_labels,
                                      softmax_gradient)
-from hapo_ops.truncation import (TORCH_DIGIT_BITS, TRITON_DIGIT_BITS, candidate_keys,
+from hapo_ops.vocab.truncation import (TORCH_DIGIT_BITS, TRITON_DIGIT_BITS, candidate_keys,
                                  check_kept_ids, check_top_k, check_top_p, gather_kept,
                                  kept_entries, kept_gradient, kept_row_statistics, key_logits,
                                  label_position, saturated_row_max, scatter_kept, thresholds,
                                  torch_candidate_sums, truncates)
-from hapo_ops.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
+from hapo_ops.vocab.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
                                    checks_values, flat_float32, inverse_temperature,
                                    prepare_temperature, resolve_impl)
 
@@ -55,7 +55,7 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Torch path: blocks of rows, each reduced with the algebra of hapo_ops.row_statistics.
+# Torch path: blocks of rows, each reduced with the algebra of hapo_ops.vocab.row_statistics.
 # ---------------------------------------------------------------------------------------
 
 def row_blocks(logits: torch.Tensor, chunk_tokens: int, *alike: torch.Tensor
@@ -598,7 +598,7 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
     logp = z_y/T - logsumexp(z/T);  H = logsumexp(z/T) - Σ_v softmax(z/T)_v · z_v/T.
     Truncated to a kept set S: p_v = softmax(z/T)_v / Σ_{u∈S} softmax(z/T)_u on S, 0 elsewhere;
     logp = log p_y (-inf for y ∉ S), H = -Σ_{v∈S} p_v log p_v, and gradients flow only into
-    the entries of S (``hapo_ops.truncation``).
+    the entries of S (``hapo_ops.vocab.truncation``).
 
     Args:
       logits: (..., V), any float dtype, any leading shape; the last dim should be contiguous.
@@ -647,7 +647,7 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
         ``top_k``/``top_p`` the truncation is recomputed from these logits, as engines do,
         by a per-row threshold search (no sort): 2 (torch) or 4 (Triton) extra reads of
         the logits per rule for bfloat16, 4 or 8 for float32, one more for top_p
-        (``hapo_ops.truncation``). Not with ``kept_ids``.
+        (``hapo_ops.vocab.truncation``). Not with ``kept_ids``.
     Returns:
       (logprobs, entropy), float32, shape logits.shape[:-1]. Both are differentiable.
 

@@ -12,10 +12,10 @@ Two implementations:
             (seed, row id, vocabulary index): reproducible for a seed and independent of how
             rows are batched.
   "torch"   the same semantics in row chunks of PyTorch (entropy and log-probs through
-            ``hapo_ops.logprob_entropy``), with an exponential race driven by a
+            ``hapo_ops.vocab.logprob_entropy``), with an exponential race driven by a
             ``torch.Generator`` seeded from the same seed: another random stream, which
             depends on the batch layout. It also supports ``top_k`` / ``top_p``, with the
-            truncation rule of ``hapo_ops.truncation`` (the one ``logprobs_and_entropy``
+            truncation rule of ``hapo_ops.vocab.truncation`` (the one ``logprobs_and_entropy``
             recomputes), so that the returned behaviour log-prob is the trainer's.
 
 Both run inside the ``hapo_ops::adaptive_temperature_sample`` custom op, so
@@ -28,13 +28,13 @@ from typing import NamedTuple
 
 import torch
 
-from hapo_ops._validation import check_float, check_tensor, check_variant
-from hapo_ops.entropy_signal import EntropyStats
-from hapo_ops.logprob_entropy import (default_chunk_tokens, token_entropy, token_logprobs,
+from hapo_ops._utils.validation import check_float, check_tensor, check_variant
+from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.vocab.logprob_entropy import (default_chunk_tokens, token_entropy, token_logprobs,
                                       truncation_threshold)
-from hapo_ops.row_statistics import saturate
-from hapo_ops.temperature import adaptive_temperature
-from hapo_ops.token_inputs import resolve_impl
+from hapo_ops.vocab.row_statistics import saturate
+from hapo_ops.entropy.temperature import adaptive_temperature
+from hapo_ops.vocab.token_inputs import resolve_impl
 
 SEED_LIMIT = 1 << 63
 
@@ -145,7 +145,7 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: int | None,
     """Set to -inf the entries of ``scaled`` (rows of z/T) outside the top-k, then outside
     the smallest set of most probable tokens of the renormalized top-k distribution whose
     mass reaches top_p, as engines do after the temperature: the rule of
-    ``hapo_ops.truncation`` (ties at either threshold kept, at least one token kept).
+    ``hapo_ops.vocab.truncation`` (ties at either threshold kept, at least one token kept).
 
     Examples:
       >>> filter_top_k_top_p(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), 2, None)
@@ -164,7 +164,7 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: int | None,
 def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator,
                  top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Tokens (B,) drawn from softmax(z/T) of (B, V) logits and per-row T, truncated by
-    ``top_k``/``top_p`` (``hapo_ops.truncation``: the entries below the row's threshold θ
+    ``top_k``/``top_p`` (``hapo_ops.vocab.truncation``: the entries below the row's threshold θ
     are never drawn).
 
     Exponential race in row chunks: token = argmax_v z_v/T - ln E_v, E ~ Exp(1) drawn in
@@ -276,7 +276,7 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
         ``logprobs`` is then the log-prob under the truncated, renormalized distribution
         actually sampled from, equal to ``token_logprobs(logits, tokens,
         temperature=temperature, top_k=top_k, top_p=top_p)`` (the same threshold search,
-        ``hapo_ops.truncation``; ties at a threshold kept, at least one token) and to the
+        ``hapo_ops.vocab.truncation``; ties at a threshold kept, at least one token) and to the
         replay with ``kept_ids`` = the kept set.
       row_ids: (B,) integer identity of each row in the kernel's counter-based RNG (default
         ``arange(B)``): a row with the same logits, seed and row id draws the same token in

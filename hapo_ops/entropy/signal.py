@@ -11,10 +11,10 @@ from typing import NamedTuple
 
 import torch
 
-from hapo_ops._selection import CountReducer, kth_smallest
-from hapo_ops._validation import (check_float, check_mask, check_same_device, check_tensor,
+from hapo_ops._utils.selection import CountReducer, kth_smallest
+from hapo_ops._utils.validation import (check_float, check_mask, check_same_device, check_tensor,
                                   check_variant)
-from hapo_ops.collectives import all_reduce_max, all_reduce_sum
+from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum
 
 
 class EntropyStats(NamedTuple):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._segments import compact_group_index, segment_sum_gather
-from hapo_ops._validation import (ScalarOrTensor, check_float, check_float_or_tensor,
+from hapo_ops._utils.segments import compact_group_index, segment_sum_gather
+from hapo_ops._utils.validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
-from hapo_ops.collectives import all_gather_rows
+from hapo_ops._utils.collectives import all_gather_rows
 
 _ACCUMULATE = torch.float64
 

@@ -1,7 +1,7 @@
 """Policy losses of the methods HAPO is compared with: Clip-Cov, KL-Cov, GSPO and CISPO.
 
-Each returns :class:`hapo_ops.losses.PolicyLossOutput` and aggregates like
-:func:`hapo_ops.losses.clipped_policy_loss` (``agg``, ``num_tokens``, ``num_sequences``,
+Each returns :class:`hapo_ops.rl.losses.PolicyLossOutput` and aggregates like
+:func:`hapo_ops.rl.losses.clipped_policy_loss` (``agg``, ``num_tokens``, ``num_sequences``,
 ``normalizer``); masked positions give ℓ = 0 and zero gradient whatever they hold. Every
 loss also takes ``weights`` (per-token, detached; e.g. from ``rollout_correction``) that
 multiply the per-token loss after clipping and selection.
@@ -28,12 +28,12 @@ from typing import Sequence
 
 import torch
 
-from hapo_ops._selection import kth_smallest
-from hapo_ops._validation import (ScalarOrTensor, check_choice, check_float,
+from hapo_ops._utils.selection import kth_smallest
+from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_same_device)
-from hapo_ops.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
+from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
                                   exclusive_prefix_sum)
-from hapo_ops.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
+from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
                              check_policy_inputs, clamped_log_ratio, clipped_surrogate,
                              masked_advantages, masked_mean, ratio_and_advantages)
 

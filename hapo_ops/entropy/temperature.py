@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._validation import check_float, check_tensor, check_variant
-from hapo_ops.entropy_signal import EntropyStats, normalized_entropy
+from hapo_ops._utils.validation import check_float, check_tensor, check_variant
+from hapo_ops.entropy.signal import EntropyStats, normalized_entropy
 
 
 def adaptive_temperature(entropy: torch.Tensor, stats: EntropyStats | None, *,

@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from hapo_ops.collectives import all_reduce_max, all_reduce_sum
+from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum
 
 # Logits are held in [NEG_LARGE, POS_LARGE]: -inf becomes a finite stand-in whose weight
 # e^((NEG_LARGE - M)/T) is exactly 0 and whose products with 0 stay 0 (no inf · 0 = NaN).
