@@ -131,7 +131,7 @@ def test_kl_cov_matches_reference(seed, B, L, dtype, per_token_adv, agg, fractio
     leaf, ref_per_token, chosen = ref_kl_cov(lp, old, adv, mask, fraction, coef)
     check_against(out, leaf, lp, ref_per_token, mask, agg, dtype)
     n = max(int(mask.sum()), 1)
-    assert math.isclose(float(out.dual_clip_frac), float(chosen.sum()) / n, abs_tol=1e-7)
+    assert math.isclose(float(out.selected_frac), float(chosen.sum()) / n, abs_tol=1e-7)
     assert float(out.clip_frac_low) == float(out.clip_frac_high) == 0.0
 
 
@@ -155,7 +155,7 @@ def test_kl_cov_worked_example_ties_and_selection_size():
         assert torch.equal(penalised.view(-1), torch.arange(8) < k)   # earliest first
     # Empty batch: no NaN, zero loss.
     out = kl_cov_policy_loss(lp, lp, adv, torch.zeros(2, 4))
-    assert float(out.loss.detach()) == 0.0 and float(out.dual_clip_frac) == 0.0
+    assert float(out.loss.detach()) == 0.0 and float(out.selected_frac) == 0.0
 
 
 # --------------------------------------------------------------------------- Clip-Cov
@@ -187,7 +187,7 @@ def test_clip_cov_matches_reference(seed, B, L, dtype, per_token_adv, agg, fract
     cut = m & (out.per_token.detach() == 0) & (ppo.detach() != 0)
     k = min(max(int(fraction * n), 1), int(candidates.sum())) if n else 0
     assert int(cut.sum()) == k and not (cut & ~candidates).any()
-    assert math.isclose(float(out.dual_clip_frac), k / max(n, 1), abs_tol=1e-7)
+    assert math.isclose(float(out.selected_frac), k / max(n, 1), abs_tol=1e-7)
     if fraction == 1.0:
         assert torch.equal(cut, candidates)                  # full selection
     ref_per_token = torch.where(cut, torch.zeros((), dtype=F64), ppo)
@@ -204,13 +204,13 @@ def test_clip_cov_skips_tokens_the_ratio_clip_holds():
     out = clip_cov_policy_loss(lp, old, adv, mask, **kw)
     assert out.per_token[0].tolist() == pytest.approx([-1.28, -1.28])   # still the clip
     assert out.per_token[1].tolist() == [0.0, 0.0]                      # cut
-    assert float(out.dual_clip_frac) == 0.5
+    assert float(out.selected_frac) == 0.5
     # Wide clip: nothing is held, every token is a candidate and, with fraction 1, cut.
     out = clip_cov_policy_loss(lp, old, adv, mask, **{**kw, "eps_high": 1.0})
     assert out.per_token.tolist() == [[0.0, 0.0], [0.0, 0.0]]
     # Boundary of the clip test: r exactly 1 + eps_high (eps = 0, r = 1) is not held.
     out = clip_cov_policy_loss(lp, lp, adv, mask, **{**kw, "eps_low": 0.0, "eps_high": 0.0})
-    assert float(out.dual_clip_frac) == 1.0
+    assert float(out.selected_frac) == 1.0
 
 
 def test_clip_cov_bounds_are_strict():
@@ -220,7 +220,7 @@ def test_clip_cov_bounds_are_strict():
                         ((0.0, 1.001), 1.0)]:
         out = clip_cov_policy_loss(lp, lp, adv, mask, cov_fraction=1.0, cov_bounds=bounds,
                                    seed=0)
-        assert float(out.dual_clip_frac) == cut, bounds
+        assert float(out.selected_frac) == cut, bounds
 
 
 def test_clip_cov_random_choice_is_seeded_uniform_and_exact():
@@ -256,7 +256,7 @@ def test_clip_cov_empty_selections():
     assert float(out.loss.detach()) == 0.0 and all(torch.isfinite(t).all() for t in out)
     # No candidate (bounds nobody meets): plain PPO.
     out = clip_cov_policy_loss(lp, old, adv, mask, cov_bounds=(1e6, 2e6), seed=0)
-    assert float(out.dual_clip_frac) == 0.0
+    assert float(out.selected_frac) == 0.0
 
 
 # --------------------------------------------------------------------------- GSPO

@@ -242,9 +242,10 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     ε = 0.2 / 0.28 to keep a tight PPO clip too.
 
     Output: ``clip_frac_low`` / ``clip_frac_high`` as in ``clipped_policy_loss``;
-    ``dual_clip_frac`` holds the fraction of valid tokens cut by the covariance rule (this
-    loss has no dual clip); ``approx_kl`` the k3 estimate. The selection covers the tokens
-    of this call (of every rank with ``group``), as the official code does per micro-batch.
+    ``selected_frac`` the fraction of valid tokens cut by the covariance rule;
+    ``dual_clip_frac`` = 0 (this loss has no dual clip); ``approx_kl`` the k3 estimate. The
+    selection covers the tokens of this call (of every rank with ``group``), as the official
+    code does per micro-batch.
 
     Args:
       logprobs, old_logprobs: (..., L) log-probs of the sampled tokens under the current
@@ -267,7 +268,7 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       >>> mask = torch.ones(2, 3)
       >>> out = clip_cov_policy_loss(logp, logp.detach(), adv, mask, cov_fraction=0.2,
       ...                            cov_bounds=(0.5, 5.0), seed=7)
-      >>> out.dual_clip_frac      # 3 candidates with 0.5 < Cov < 5; ⌊0.2·6⌋ = 1 is cut
+      >>> out.selected_frac       # 3 candidates with 0.5 < Cov < 5; ⌊0.2·6⌋ = 1 is cut
       tensor(0.1667)
 
     References:
@@ -306,7 +307,7 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         cut_frac = masked_mean(cut.to(r.dtype), valid)
         approx_kl = _k3(r, log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            cut_frac)
+                            torch.zeros_like(cut_frac), cut_frac)
 
 
 # ------------------------------------------------------------------------------ KL-Cov
@@ -336,8 +337,9 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     Defaults: those of the official code: ``cov_fraction`` 2e-4 (``kl_cov_ratio``) and
     β = ``kl_coef`` 1 (``ppo_kl_coef``).
 
-    Output: ``clip_frac_low`` = ``clip_frac_high`` = 0 (no clip); ``dual_clip_frac`` holds
-    the fraction of valid tokens penalised; ``approx_kl`` the k3 estimate.
+    Output: ``clip_frac_low`` = ``clip_frac_high`` = 0 (no clip); ``selected_frac`` holds
+    the fraction of valid tokens penalised, ``dual_clip_frac`` = 0; ``approx_kl`` the k3
+    estimate.
 
     Args:
       logprobs, old_logprobs: (..., L) log-probs of the sampled tokens.
@@ -390,7 +392,8 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         none = torch.zeros((), dtype=r.dtype, device=r.device)
         penalised_frac = masked_mean(penalised.to(r.dtype), valid)
         approx_kl = _k3(r, log_ratio.detach(), valid)
-    return PolicyLossOutput(loss, per_token, none, none.clone(), approx_kl, penalised_frac)
+    return PolicyLossOutput(loss, per_token, none, none.clone(), approx_kl, none.clone(),
+                            penalised_frac)
 
 
 # ------------------------------------------------------------------------------ GSPO
@@ -418,7 +421,7 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     closer to 1 than token ratios).
 
     Output: ``clip_frac_low`` / ``clip_frac_high`` count valid tokens whose loss the clip
-    holds (A < 0, s < 1 − ε_low / A > 0, s > 1 + ε_high); ``dual_clip_frac`` = 0;
+    holds (A < 0, s < 1 − ε_low / A > 0, s > 1 + ε_high); ``dual_clip_frac`` = ``selected_frac`` = 0;
     ``approx_kl`` the token-level k3 estimate.
 
     Examples:
@@ -460,7 +463,7 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_frac_high = masked_mean(((adv > 0) & (s > upper)).to(s.dtype), valid)
         approx_kl = _k3(log_ratio.detach().exp(), log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            torch.zeros_like(approx_kl))
+                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl))
 
 
 # ------------------------------------------------------------------------------ CISPO
@@ -487,7 +490,7 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
     Output: ``clip_frac_low`` / ``clip_frac_high``: fraction of valid tokens whose weight
     is clipped (r < 1 − ε_low / r > 1 + ε_high, whatever the sign of A);
-    ``dual_clip_frac`` = 0; ``approx_kl`` the k3 estimate.
+    ``dual_clip_frac`` = ``selected_frac`` = 0; ``approx_kl`` the k3 estimate.
 
     Examples:
       >>> import torch
@@ -531,7 +534,7 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          else masked_mean((ratio < lower).to(ratio.dtype), valid))
         approx_kl = _k3(ratio, log_ratio, valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            torch.zeros_like(approx_kl))
+                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl))
 
 
 __all__ = ["clip_cov_policy_loss", "cispo_policy_loss", "gspo_policy_loss",

@@ -27,9 +27,12 @@ class PolicyLossOutput(NamedTuple):
     loss: the aggregated scalar. per_token: ℓ per token, zero outside the mask.
     clip_frac_low / clip_frac_high: fraction of valid tokens whose loss is held constant by
     the lower clip (A < 0, r < 1-ε_low) or the upper clip (A > 0, r > 1+ε_high).
-    dual_clip_frac: fraction of valid tokens capped by the dual clip (A < 0, -A·c < ℓ).
+    dual_clip_frac: fraction of valid tokens capped by the dual clip (A < 0, -A·c < ℓ);
+    0 for losses without a dual clip.
     approx_kl: mean over valid tokens of (r - 1) - log r, the k3 estimator of
     KL(π_old ‖ π), always ≥ 0.
+    selected_frac: fraction of valid tokens chosen by a token-selection rule: those cut by
+    Clip-Cov or penalised by KL-Cov; 0 for the other losses.
     """
 
     loss: torch.Tensor
@@ -38,6 +41,7 @@ class PolicyLossOutput(NamedTuple):
     clip_frac_high: torch.Tensor
     approx_kl: torch.Tensor
     dual_clip_frac: torch.Tensor
+    selected_frac: torch.Tensor
 
 
 def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
@@ -250,7 +254,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         dual_clip_frac = masked_mean((capped & valid).to(r.dtype), valid)
         approx_kl = masked_mean((r - 1.0) - log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            dual_clip_frac)
+                            dual_clip_frac, torch.zeros_like(dual_clip_frac))
 
 
 def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
