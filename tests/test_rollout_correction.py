@@ -19,18 +19,29 @@ SETTINGS = dict(derandomize=True, deadline=None, max_examples=40)
 F64 = torch.float64
 
 
+BOUND = 20.0      # |log ρ| is clamped to 20 before exp, as verl's rollout correction
+
+
 def ref_correction(old, rollout, mask, level, mode, low, high):
+    """Plain-Python float64 reference of the three levels (verl's names):
+    token ρ_t = exp(clamp(log ρ_t)); sequence ρ_i = exp(clamp(Σ_t log ρ_t)) (the product
+    of the token ratios); geometric ρ_i = exp(clamp(Σ_t log ρ_t / L_i))."""
     B, L = old.shape
     m = mask.bool()
     w = torch.zeros(B, L, dtype=F64)
     keep = torch.zeros(B, L, dtype=torch.bool)
+    clamp = lambda x: x if math.isnan(x) else min(max(x, -BOUND), BOUND)  # noqa: E731
     for i in range(B):
         logs = [float(old[i, t]) - float(rollout[i, t]) for t in range(L) if m[i, t]]
-        seq = math.exp(sum(logs) / len(logs)) if logs else 1.0
+        if level == "sequence":
+            seq = math.exp(clamp(math.fsum(logs)))
+        elif level == "geometric":
+            seq = math.exp(clamp(math.fsum(logs) / len(logs))) if logs else 1.0
         for t in range(L):
             if not m[i, t]:
                 continue
-            r = seq if level == "sequence" else math.exp(float(old[i, t]) - float(rollout[i, t]))
+            r = (seq if level != "token"
+                 else math.exp(clamp(float(old[i, t]) - float(rollout[i, t]))))
             if mode == "truncate":
                 v = r if high is None else min(r, high)
                 v = v if low is None else max(v, low)
@@ -49,7 +60,7 @@ def assert_elementwise(got, want, atol, rtol):
 
 @settings(**SETTINGS)
 @given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**31 - 1),
-       st.sampled_from(["token", "sequence"]), st.sampled_from(["truncate", "mask"]),
+       st.sampled_from(["token", "sequence", "geometric"]), st.sampled_from(["truncate", "mask"]),
        st.sampled_from([(None, 2.0), (0.5, 2.0), (0.8, 1.25), (None, None), (0.5, None)]),
        st.sampled_from([torch.float32, F64]))
 def test_matches_reference(B, L, seed, level, mode, bounds, dtype):
@@ -64,8 +75,8 @@ def test_matches_reference(B, L, seed, level, mode, bounds, dtype):
     ref_w, ref_keep = ref_correction(old, rollout, mask, level, mode, low, high)
     assert w.dtype == dtype and keep.dtype == torch.bool
     assert torch.equal(keep, ref_keep)
-    tol = 1e-6 if dtype == torch.float32 else 1e-12
-    assert_elementwise(w, ref_w, tol, tol)
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-12, 1e-12)
+    assert_elementwise(w, ref_w, atol, rtol)
 
 
 def test_worked_example_and_boundaries():
@@ -80,8 +91,9 @@ def test_worked_example_and_boundaries():
     w, keep = rollout_correction(old, rollout, mask, mode="mask", low=0.5, high=2.0)
     assert torch.equal(keep, torch.tensor([[1, 0, 1], [1, 0, 0]], dtype=torch.bool))
     assert torch.allclose(w, torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
-    # Sequence level: row 0 log ratios (0, 1, 0) -> exp(1/3); row 1 (0, -1) -> exp(-1/2) = 0.61 < 0.7.
-    w, keep = rollout_correction(old, rollout, mask, level="sequence", mode="mask", low=0.7)
+    # Geometric level: row 0 log ratios (0, 1, 0) -> exp(1/3); row 1 (0, -1) -> exp(-1/2)
+    # = 0.61 < 0.7.
+    w, keep = rollout_correction(old, rollout, mask, level="geometric", mode="mask", low=0.7)
     assert torch.equal(keep, torch.tensor([[1, 1, 1], [0, 0, 0]], dtype=torch.bool))
     assert torch.allclose(w[0], torch.full((3,), math.exp(1 / 3)))
     # Bounds are inclusive: a ratio of exactly 1 with low = high = 1 is kept / untouched.
@@ -164,5 +176,56 @@ def test_rejects_bad_input():
         rollout_correction(a, torch.zeros(2, 3, dtype=torch.int64), m)
     with pytest.raises(ValueError, match="mask"):
         rollout_correction(a, a, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="level"):
+        rollout_correction(a, a, m, level="seq")
     with pytest.raises(ValueError, match="old_logprobs"):
-        rollout_correction(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(0, 3))
+        rollout_correction(torch.zeros(()), torch.zeros(()), torch.ones(()), level="geometric")
+
+
+def test_sequence_level_is_the_product_of_token_ratios():
+    """verl's names: "sequence" is Π_t ρ_t = exp(Σ_t log ρ_t), "geometric" the geometric
+    mean exp(Σ_t log ρ_t / L_i)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]], dtype=F64)
+    rollout = torch.tensor([[-1.5, -3.0, -0.5], [-0.1, -2.0, 7.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w, keep = rollout_correction(old, rollout, mask, level="sequence", high=None)
+    product = [math.exp(0.5) * math.exp(1.0) * 1.0, 1.0 * math.exp(-1.0)]
+    want = torch.tensor([[product[0]] * 3, [product[1]] * 2 + [0.0]], dtype=F64)
+    assert torch.allclose(w, want, rtol=1e-12, atol=0) and torch.equal(keep, mask.bool())
+    w, _ = rollout_correction(old, rollout, mask, level="geometric", high=None)
+    geometric = [math.exp(1.5 / 3), math.exp(-1.0 / 2)]
+    want = torch.tensor([[geometric[0]] * 3, [geometric[1]] * 2 + [0.0]], dtype=F64)
+    assert torch.allclose(w, want, rtol=1e-12, atol=0)
+    # Masked sequences: the product e^1.5 = 4.48 leaves [0.5, 2]; the geometric mean stays.
+    _, keep = rollout_correction(old, rollout, mask, level="sequence", mode="mask", low=0.5)
+    assert keep.tolist() == [[False] * 3, [False] * 3]
+    _, keep = rollout_correction(old, rollout, mask, level="geometric", mode="mask", low=0.5)
+    assert keep.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_log_ratio_is_clamped_before_exp():
+    """|log ρ| ≤ 20 before exp at every level (verl's bound): finite, positive weights."""
+    big = math.exp(20.0)
+    old = torch.tensor([[15.0, 15.0, 0.0], [-30.0, 0.0, 0.0]], dtype=F64)
+    zeros, mask = torch.zeros(2, 3, dtype=F64), torch.ones(2, 3)
+    w, _ = rollout_correction(old, zeros, mask, level="sequence", high=None)   # Σ = 30, -30
+    assert w.tolist() == [[big] * 3, [math.exp(-20.0)] * 3]
+    w, keep = rollout_correction(old, zeros, mask, level="sequence", mode="mask", high=None)
+    assert keep.all() and torch.isfinite(w).all() and w[0, 0].item() == big
+    w, _ = rollout_correction(old, zeros, mask, level="token", high=None)
+    assert w[1, 0].item() == math.exp(-20.0) and w[0, 0].item() == math.exp(15.0)
+    w, _ = rollout_correction(old * 4, zeros, mask, level="geometric", high=None)  # mean 40
+    assert w[0].tolist() == [big] * 3 and w[1].tolist() == [math.exp(-20.0)] * 3
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_empty_batch(level, mode):
+    """B = 0 (a data-parallel rank with nothing to do): empty weights and mask."""
+    w, keep = rollout_correction(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4),
+                                 level=level, mode=mode, low=0.5)
+    assert w.shape == keep.shape == (0, 4) and w.dtype == torch.float32
+    assert keep.dtype == torch.bool
+    w, keep = rollout_correction(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0),
+                                 level=level, mode=mode)
+    assert w.shape == (3, 0) and keep.shape == (3, 0)
