@@ -456,8 +456,6 @@ def test_grpo_rejects_bad_input():
         grpo_advantages(rewards, group_ids, mask[:3])
     with pytest.raises(BAD, match="eps"):
         grpo_advantages(rewards, group_ids, eps=-1e-6)
-    with pytest.raises(BAD, match="rewards"):
-        grpo_advantages(torch.empty(0), torch.empty(0, dtype=torch.int64))
     with pytest.raises(BAD, match="group_ids"):
         grpo_advantages(rewards, group_ids.float())  # group ids must be integers
 
@@ -474,8 +472,6 @@ def test_token_level_rejects_bad_input():
         token_level_group_advantages(rewards, group_ids, mask, eps=-1.0)
     with pytest.raises(BAD, match="variant"):
         token_level_group_advantages(rewards, group_ids, mask, variant="reference")
-    with pytest.raises(BAD, match="rewards"):
-        token_level_group_advantages(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, 3, dtype=torch.bool))
 
 
 def test_redistribute_rejects_bad_input():
@@ -490,8 +486,40 @@ def test_redistribute_rejects_bad_input():
         redistribute_advantages(adv, h, r, eps_low=-0.1, eps_high=0.2)
     with pytest.raises(BAD, match="eps_high"):
         redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=-0.1)
-    with pytest.raises(BAD, match="advantages"):
-        redistribute_advantages(torch.empty(0), torch.empty(0), torch.empty(0), eps_low=0.2, eps_high=0.2)
+
+
+@pytest.mark.parametrize("bad", [1.5, -1.0001, float("inf"), float("-inf")])
+def test_redistribute_rejects_h_hat_outside_unit_interval(bad):
+    """ĥ ∈ [-1, 1] (so that 1 + β·ĥ ≥ 0 for β ≤ 1): anything else is an error on CPU, naming
+    h_hat; the bounds themselves and NaN (garbage at padding) pass."""
+    adv, r = torch.randn(2, 3), torch.ones(2, 3)
+    h = torch.tensor([[0.0, 1.0, -1.0], [0.5, bad, float("nan")]])
+    with pytest.raises(ValueError, match="h_hat"):
+        redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=0.2)
+    h[1, 1] = 0.0
+    out = redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=0.2)
+    assert torch.isfinite(out[:, :2]).all()
+
+
+def test_empty_batches_give_empty_outputs():
+    """B = 0 (a data-parallel rank with nothing to do) and all-masked batches: empty or zero
+    outputs, no NaN."""
+    empty_r, empty_ids = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    empty_mask = torch.empty(0, 3, dtype=torch.bool)
+    assert grpo_advantages(empty_r, empty_ids).shape == (0,)
+    assert grpo_advantages(empty_r, empty_ids, empty_mask).shape == (0, 3)
+    for variant in ("paper", "released"):
+        out = token_level_group_advantages(empty_r, empty_ids, empty_mask, variant=variant)
+        assert out.shape == (0, 3) and out.dtype == torch.float32
+    out = redistribute_advantages(torch.empty(0, 3), torch.empty(0, 3), torch.empty(0, 3),
+                                  eps_low=0.2, eps_high=0.2)
+    assert out.shape == (0, 3)
+    rewards, group_ids = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1])
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    for variant in ("paper", "released"):
+        out = token_level_group_advantages(rewards, group_ids, none, variant=variant)
+        assert torch.equal(out, torch.zeros(3, 4))
+    assert torch.equal(grpo_advantages(rewards, group_ids, none), torch.zeros(3, 4))
 
 
 def test_eps_must_be_positive_and_zero_variance_groups_stay_finite():

@@ -375,11 +375,40 @@ def test_entropy_stats_rejects_negative_eps():
         entropy_stats(entropy, mask, eps=-1e-8)
 
 
-def test_entropy_stats_rejects_empty_tensors():
-    with pytest.raises(BAD, match="entropy"):
-        entropy_stats(torch.empty(0), torch.empty(0, dtype=torch.bool))
-    with pytest.raises(BAD, match="entropy"):
-        entropy_stats(torch.empty(2, 0), torch.empty(2, 0, dtype=torch.bool))
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (2, 0)])
+def test_entropy_stats_of_an_empty_batch_is_the_no_token_statistics(shape):
+    """B = 0 (a data-parallel rank with nothing to do): pivot 0, log_max +inf, log_min -inf,
+    no NaN; ĥ of an empty batch is empty."""
+    stats = entropy_stats(torch.empty(shape), torch.empty(shape, dtype=torch.bool))
+    assert float(stats.pivot) == 0.0
+    assert float(stats.log_max) == math.inf and float(stats.log_min) == -math.inf
+    assert normalized_entropy(torch.empty(shape), stats).shape == shape
+
+
+def test_entropy_stats_rejects_nan_at_valid_tokens_on_cpu():
+    """A NaN entropy on a valid token is an upstream fault: an error on CPU, naming
+    ``entropy``; NaN at masked positions is ignored."""
+    entropy = torch.tensor([[0.5, float("nan"), 2.0], [1.0, 3.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="entropy.*1 NaN"):
+        entropy_stats(entropy, mask)
+    clean = entropy_stats(entropy, mask.masked_fill(torch.isnan(entropy), 0))
+    assert all(torch.isfinite(s) for s in clean)
+
+
+def test_entropy_stats_propagates_nan_without_a_host_read():
+    """Where the NaN count cannot be read back (a compiled graph; accelerators likewise),
+    every statistic is NaN instead of silently dropping the token."""
+    entropy = torch.tensor([[0.5, float("nan"), 2.0], [1.0, 3.0, 4.0]])
+    mask = torch.ones(2, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(entropy_stats, fullgraph=True, backend="aot_eager", dynamic=False)
+    stats = compiled(entropy, mask)
+    assert all(bool(torch.isnan(s)) for s in stats)
+    h = normalized_entropy(entropy, stats)
+    assert torch.isnan(h).all()
+    stats = compiled(entropy, mask.masked_fill(torch.isnan(entropy), 0))
+    assert all(torch.isfinite(s) for s in stats)
 
 
 def test_normalized_entropy_rejects_unknown_variant_and_negative_eps():

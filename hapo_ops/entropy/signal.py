@@ -22,7 +22,8 @@ class EntropyStats(NamedTuple):
 
     pivot: the nearest-rank ``quantile`` of ℓ; log_max / log_min: its extremes. A batch with
     no valid token gives pivot 0 and log_max = +inf, log_min = -inf, so that every ĥ
-    computed from it is 0 (no information, no adaptation).
+    computed from it is 0 (no information, no adaptation). A NaN entropy on a valid token
+    makes all three NaN where it is not an error (see :func:`entropy_stats`).
     """
 
     pivot: torch.Tensor
@@ -48,8 +49,9 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     """Pivot, max and min of ℓ = ln(max(H, eps)) over the tokens where ``mask`` is set.
 
     pivot = the k-th smallest ℓ, k = round(q·(n-1)) + 1 (nearest rank, round half to even);
-    exact for any n (radix selection, no host sync, no 2^24 limit). No valid token: pivot 0,
-    log_max +inf, log_min -inf (ĥ is then 0 everywhere).
+    exact for any n (radix selection, no host sync, no 2^24 limit). No valid token (an
+    all-masked or empty batch): pivot 0, log_max +inf, log_min -inf (ĥ is then 0
+    everywhere).
 
     ``group``: a ``torch.distributed`` process group (data parallel). The statistics then
     cover the valid tokens of every rank, identical on all ranks and bitwise equal to the
@@ -58,27 +60,43 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     a 256-bin int64 histogram (2 KiB), about 8 KiB per call whatever the token count.
     ``reduce_counts`` (sum) / ``reduce_extrema`` (max) are the lower-level hooks ``group``
     builds (any other reduction with those semantics works).
+
+    NaN entropies: at masked positions they are ignored (padding may hold anything). At a
+    valid token a NaN means the entropy computation upstream broke; it is never dropped
+    silently (dropping it would shift the quantile to the surviving tokens and hide the
+    fault). On CPU tensors (outside ``torch.compile``) it raises a ``ValueError`` naming
+    ``entropy``, on every rank alike with ``group`` (the NaN count is all-reduced with the
+    token count, so no rank is left waiting in a collective). Where reading the count back
+    would be a host sync (accelerators, compiled graphs), pivot, log_max and log_min
+    become NaN instead, on every rank, so the fault shows in the logged statistics and in
+    every ĥ and temperature computed from them.
     """
     if group is not None:
         if reduce_counts is not None or reduce_extrema is not None:
             raise ValueError("pass either group or reduce_counts/reduce_extrema, not both")
         reduce_counts = functools.partial(all_reduce_sum, group=group)
         reduce_extrema = functools.partial(all_reduce_max, group=group)
-    # With a process group a rank may hold no tokens: it still joins every collective.
-    distributed = group is not None or reduce_counts is not None
-    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=distributed)
-    valid = check_mask("mask", mask, entropy.shape, allow_empty=distributed)
+    # An empty batch is ordinary (a data-parallel rank with nothing to do): it gives the
+    # no-valid-token statistics, and with a process group still joins every collective.
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
+    valid = check_mask("mask", mask, entropy.shape, allow_empty=True)
     check_same_device("mask", valid, "entropy", entropy)
     quantile = check_float("quantile", quantile, min_value=0.0, max_value=1.0)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
 
     ell = log_entropy(entropy, eps)
-    valid = valid & ~torch.isnan(ell)
+    is_nan = torch.isnan(ell)
+    nan_count = (valid & is_nan).sum(dtype=torch.int64)
+    valid = valid & ~is_nan
     count = valid.sum(dtype=torch.int64)
     log_max = _max_or_minus_inf(torch.where(valid, ell, float("-inf")))
     neg_log_min = _max_or_minus_inf(torch.where(valid, -ell, float("-inf")))
     if reduce_counts is not None:
-        count = reduce_counts(count)
+        count, nan_count = reduce_counts(torch.stack([count, nan_count])).unbind()
+    if (ell.device.type == "cpu" and not torch.compiler.is_compiling()
+            and int(nan_count) > 0):
+        raise ValueError(f"entropy must not be NaN where mask is set; got {int(nan_count)} "
+                         "NaN value(s) at valid tokens")
     if reduce_extrema is not None:
         log_max, neg_log_min = reduce_extrema(torch.stack([log_max, neg_log_min])).unbind()
     has_tokens = count > 0
@@ -87,7 +105,9 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     pivot = torch.where(has_tokens, pivot, torch.zeros_like(pivot))
     log_max = torch.where(has_tokens, log_max, torch.full_like(log_max, float("inf")))
     log_min = torch.where(has_tokens, -neg_log_min, torch.full_like(log_max, float("-inf")))
-    return EntropyStats(pivot, log_max, log_min)
+    poisoned = nan_count > 0
+    nan = torch.full_like(pivot, float("nan"))
+    return EntropyStats(*(torch.where(poisoned, nan, value) for value in (pivot, log_max, log_min)))
 
 
 

@@ -36,20 +36,19 @@ def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
     return packed[:, 0].contiguous().view(torch.int64), list(packed[:, 1:].unbind(-1)), offset
 
 
-def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor,
-                              group) -> None:
-    """Without a process group the batch must not be empty; with one, a rank may hold no
-    rows (it still takes part in the collectives and gets an empty result)."""
-    check_tensor("rewards", rewards, floating=True, allow_empty=group is not None)
-    check_tensor("group_ids", group_ids, integer=True, allow_empty=group is not None)
+def _check_rewards_and_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
+    """An empty batch (B = 0) is accepted and gives an empty result; with a process group
+    such a rank still takes part in the collectives."""
+    check_tensor("rewards", rewards, floating=True, allow_empty=True)
+    check_tensor("group_ids", group_ids, integer=True, allow_empty=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
     check_same_shape("group_ids", group_ids, "rewards", rewards)
     check_same_device("group_ids", group_ids, "rewards", rewards)
 
 
-def _check_response_mask(mask: torch.Tensor, rewards: torch.Tensor, group) -> torch.Tensor:
-    valid = check_mask("mask", mask, allow_empty=group is not None)
+def _check_response_mask(mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    valid = check_mask("mask", mask, allow_empty=True)
     if valid.dim() != 2 or valid.shape[0] != rewards.shape[0]:
         raise ValueError(f"mask must have shape (B, L) with B = {rewards.shape[0]}, "
                          f"got {tuple(valid.shape)}")
@@ -88,14 +87,14 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     the mask. ``group``: a process group; groups then pool rows over all ranks (module
     docstring) and each rank gets its own rows.
     """
-    _check_rewards_and_groups(rewards, group_ids, group)
+    _check_rewards_and_groups(rewards, group_ids)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(_ACCUMULATE)])
     advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
     if mask is None:
         return advantages
-    valid = _check_response_mask(mask, rewards, group)
+    valid = _check_response_mask(mask, rewards)
     return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
                                                                 device=advantages.device))
 
@@ -118,8 +117,8 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     disables the fallback. ``group``: a process group; groups then pool rows over all ranks
     (module docstring; "padding" is judged against each rank's own padded length L).
     """
-    _check_rewards_and_groups(rewards, group_ids, group)
-    valid = _check_response_mask(mask, rewards, group)
+    _check_rewards_and_groups(rewards, group_ids)
+    valid = _check_response_mask(mask, rewards)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     if fallback_threshold is not None:
         fallback_threshold = check_float("fallback_threshold", fallback_threshold,
@@ -172,10 +171,17 @@ def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio
       A' = A·(1 + β·ĥ)  where (ĥ > 0 and r ∉ N) or (ĥ ≤ 0 and r ∈ N),   A' = A elsewhere.
     High-entropy tokens whose ratio already moved get more credit; low-entropy tokens that
     barely moved get less. No gradient flows through the result.
+
+    ĥ must lie in [−1, 1] (``normalized_entropy``'s range), so that with β ≤ 1 the scale
+    1 + β·ĥ never flips the sign of A. A CPU ``h_hat`` with a finite or infinite value
+    outside that range raises a ``ValueError``; on accelerators (and while
+    ``torch.compile`` traces) it is not checked, since that would be a host sync. NaN
+    (e.g. garbage at padding positions) is not rejected: it passes through where the
+    scale applies.
     """
-    advantages = check_tensor("advantages", advantages, floating=True)
-    h_hat = check_tensor("h_hat", h_hat, floating=True)
-    ratio = check_tensor("ratio", ratio, floating=True)
+    advantages = check_tensor("advantages", advantages, floating=True, allow_empty=True)
+    h_hat = check_tensor("h_hat", h_hat, floating=True, allow_empty=True)
+    ratio = check_tensor("ratio", ratio, floating=True, allow_empty=True)
     check_same_shape("h_hat", h_hat, "advantages", advantages)
     check_same_shape("ratio", ratio, "advantages", advantages)
     check_same_device("h_hat", h_hat, "advantages", advantages)
@@ -183,6 +189,11 @@ def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio
     eps_low = check_float_or_tensor("eps_low", eps_low, advantages)
     eps_high = check_float_or_tensor("eps_high", eps_high, advantages)
     beta = check_float("beta", beta)
+    if h_hat.device.type == "cpu" and not torch.compiler.is_compiling():
+        outside = h_hat.detach()[h_hat.detach().abs() > 1.0]
+        if outside.numel():
+            raise ValueError(f"h_hat must lie in [-1, 1] (the range of normalized_entropy); "
+                             f"{outside.numel()} value(s) outside, e.g. {float(outside[0])}")
     with torch.no_grad():
         advantages, h_hat, ratio = advantages.detach(), h_hat.detach(), ratio.detach()
         in_neutral = (ratio > 1.0 - eps_low / 2) & (ratio < 1.0 + eps_high / 2)
