@@ -2,12 +2,18 @@
 
 Group ids may be any integers in any order. ``compact_group_index`` maps them to dense
 slots in [0, B) by a stable sort (at most B groups, so B slots always suffice and no
-data-dependent size is read back to the host); sums are ``index_add_`` into those slots.
+data-dependent size is read back to the host); sums are ``index_add_`` into those slots. ``ACCUMULATE_DTYPE``: the dtype such sums are
+taken in across the package.
 """
 
 from __future__ import annotations
 
 import torch
+
+# The dtype every statistic over tokens, responses or groups is summed in (group means and
+# variances, per-response entropy means, covariance means): float64 keeps large reward
+# offsets and long sums exact enough; results go back to the caller's dtype.
+ACCUMULATE_DTYPE = torch.float64
 
 
 def compact_group_index(group_ids: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._utils.segments import compact_group_index, segment_sum_gather
+from hapo_ops._utils.segments import ACCUMULATE_DTYPE, compact_group_index, segment_sum_gather
 from hapo_ops._utils.validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
 from hapo_ops._utils.collectives import all_gather_rows
-
-_ACCUMULATE = torch.float64
 
 
 def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
@@ -63,7 +61,7 @@ def _output_dtype(rewards: torch.Tensor) -> torch.dtype:
 def _grpo_per_sequence(rewards: torch.Tensor, slots: torch.Tensor, normalize_std: bool,
                        eps: float) -> torch.Tensor:
     """A_i = (R_i - mean_g) / (std_g + eps), unbiased std; a group of one: mean 0, std 1."""
-    r = rewards.to(_ACCUMULATE)
+    r = rewards.to(ACCUMULATE_DTYPE)
     count = segment_sum_gather(torch.ones_like(r), slots)
     mean = segment_sum_gather(r, slots) / count
     singleton = count < 2
@@ -89,7 +87,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     """
     _check_rewards_and_groups(rewards, group_ids)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
-    ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(_ACCUMULATE)])
+    ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(ACCUMULATE_DTYPE)])
     advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
     if mask is None:
@@ -125,10 +123,10 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
                                          min_value=0.0, min_inclusive=False)
     variant = check_variant(variant)
 
-    lengths = valid.sum(-1).to(_ACCUMULATE)
-    padded = (lengths < valid.shape[-1]).to(_ACCUMULATE)
+    lengths = valid.sum(-1).to(ACCUMULATE_DTYPE)
+    padded = (lengths < valid.shape[-1]).to(ACCUMULATE_DTYPE)
     ids, (r, lengths, padded), offset = _global_rows(
-        group, group_ids, [rewards.to(_ACCUMULATE), lengths, padded])
+        group, group_ids, [rewards.to(ACCUMULATE_DTYPE), lengths, padded])
     advantages = _token_level_per_sequence(r, compact_group_index(ids), lengths, padded > 0,
                                            normalize_std, eps, fallback_threshold, variant)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
@@ -155,7 +153,7 @@ def _token_level_per_sequence(r: torch.Tensor, slots: torch.Tensor, lengths: tor
         triggers = (lengths > 0) & (advantages.abs() >= fallback_threshold)
         if variant == "released":
             triggers |= has_padding & ((0.0 - mean) / scale).abs().ge(fallback_threshold)
-        falls_back = segment_sum_gather(triggers.to(_ACCUMULATE), slots) > 0
+        falls_back = segment_sum_gather(triggers.to(ACCUMULATE_DTYPE), slots) > 0
         grpo = _grpo_per_sequence(r, slots, normalize_std, eps)
         advantages = torch.where(falls_back, grpo, advantages)
 

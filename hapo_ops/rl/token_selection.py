@@ -21,12 +21,11 @@ import functools
 
 import torch
 
+from hapo_ops._utils.segments import ACCUMULATE_DTYPE
 from hapo_ops._utils.selection import kth_smallest
 from hapo_ops._utils.validation import check_float, check_mask, check_same_device, check_tensor
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
 from hapo_ops.entropy.signal import nearest_rank
-
-_ACCUMULATE = torch.float64
 
 
 def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
@@ -189,12 +188,12 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
     if max_scale is not None:
         max_scale = check_float("max_scale", max_scale, min_value=0.0, min_inclusive=False)
     with torch.no_grad():
-        h = torch.where(valid, entropy.detach().to(_ACCUMULATE),
-                        torch.zeros((), dtype=_ACCUMULATE, device=entropy.device))
+        h = torch.where(valid, entropy.detach().to(ACCUMULATE_DTYPE),
+                        torch.zeros((), dtype=ACCUMULATE_DTYPE, device=entropy.device))
         lengths = valid.sum(-1)
-        mean_entropy = h.sum(-1) / lengths.clamp_min(1).to(_ACCUMULATE)
+        mean_entropy = h.sum(-1) / lengths.clamp_min(1).to(ACCUMULATE_DTYPE)
         has_tokens = lengths > 0
-        totals = torch.stack([mean_entropy.sum(), has_tokens.sum().to(_ACCUMULATE)])
+        totals = torch.stack([mean_entropy.sum(), has_tokens.sum().to(ACCUMULATE_DTYPE)])
         totals = all_reduce_sum(totals, group)
         batch_mean = totals[0] / totals[1].clamp_min(1.0)
         positive = mean_entropy > 0
@@ -203,8 +202,8 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
         if max_scale is not None:
             scale = scale.clamp_max(max_scale)
         if not per_token:
-            return (advantages.detach().to(_ACCUMULATE) * scale).to(advantages.dtype)
-        out = advantages.detach().to(_ACCUMULATE) * scale.unsqueeze(-1)
+            return (advantages.detach().to(ACCUMULATE_DTYPE) * scale).to(advantages.dtype)
+        out = advantages.detach().to(ACCUMULATE_DTYPE) * scale.unsqueeze(-1)
         return torch.where(valid, out, torch.zeros_like(out)).to(advantages.dtype)
 
 
