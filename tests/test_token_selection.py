@@ -207,8 +207,6 @@ def test_quantile_mask_rejects_bad_input():
         entropy_quantile_mask(torch.ones(2, 3, dtype=torch.int64), m)
     with pytest.raises(ValueError, match="mask"):
         entropy_quantile_mask(h, torch.ones(3, 2))
-    with pytest.raises(ValueError, match="entropy"):
-        entropy_quantile_mask(torch.rand(0, 3), torch.ones(0, 3))
     with pytest.raises(TypeError, match="per_sequence"):
         entropy_quantile_mask(h, m, per_sequence=1)
     with pytest.raises(ValueError, match="group"):
@@ -276,6 +274,29 @@ def test_edge_advantages_reject_bad_input():
         sequence_entropy_advantages(torch.ones(2), h, m, group="world")
     with pytest.raises(ValueError, match="entropy"):
         sequence_entropy_advantages(torch.ones(()), torch.tensor(1.0), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (0,)])
+def test_empty_batches_give_empty_outputs(shape):
+    """B = 0 (a data-parallel rank with nothing to do) or L = 0: empty outputs, no error."""
+    h, m = torch.rand(shape), torch.ones(shape)
+    for per_sequence in (False, True):
+        if per_sequence and len(shape) < 2:
+            continue
+        out = entropy_quantile_mask(h, m, per_sequence=per_sequence)
+        assert out.shape == shape and out.dtype == torch.bool
+    if len(shape) == 2:
+        for adv in (torch.ones(shape), torch.ones(shape[:-1])):
+            out = sequence_entropy_advantages(adv, h, m)
+            assert out.shape == adv.shape and torch.isfinite(out).all()
+
+
+def test_all_masked_batch_selects_nothing_and_keeps_advantages():
+    h, m = torch.rand(3, 4), torch.zeros(3, 4)
+    assert not entropy_quantile_mask(h, m).any()
+    assert not entropy_quantile_mask(h, m, per_sequence=True).any()
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    assert torch.equal(sequence_entropy_advantages(adv, h, m), adv)
 
 
 # --------------------------------------------------------------------------- data parallel

@@ -43,7 +43,7 @@ def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
     n − k + 1 tokens, more when values repeat at the threshold (all-equal entropies keep
     every valid token).
     Entropies are compared in float32 (the precision of the entropy kernels); NaN entropies
-    count as masked. No valid token (or an all-masked batch): all False.
+    count as masked. No valid token (an all-masked or empty batch): all False.
 
     Args:
       entropy: (..., L) per-token entropy H (nats), any floating dtype.
@@ -87,8 +87,8 @@ def entropy_quantile_mask(entropy: torch.Tensor, mask: torch.Tensor, *,
       Wang et al., 2025, arXiv 2506.01939 (80/20 forking tokens);
       Wang et al., 2025, arXiv 2507.08794 (Archer, dual-token constraints).
     """
-    entropy = check_tensor("entropy", entropy, floating=True)
-    valid = check_mask("mask", mask, entropy.shape)
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
+    valid = check_mask("mask", mask, entropy.shape, allow_empty=True)
     check_same_device("mask", valid, "entropy", entropy)
     top_fraction = check_float("top_fraction", top_fraction, min_value=0.0, min_inclusive=False,
                                max_value=1.0)
@@ -121,6 +121,8 @@ def _per_sequence_mask(values: torch.Tensor, valid: torch.Tensor, quantile: floa
     if values.dim() == 0:
         raise ValueError("entropy must have a token dimension with per_sequence=True, got a "
                          "0-d tensor")
+    if values.shape[-1] == 0:
+        return valid
     filled = torch.where(valid, values, torch.full_like(values, float("inf")))
     ordered = filled.sort(dim=-1).values
     count = valid.sum(-1, dtype=torch.int64)
@@ -145,7 +147,8 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
     averages the padding positions, so P_i there depends on the padded length).
 
     Degenerate cases, all finite: a response with P_i = 0 (no valid token, or zero entropy
-    everywhere) keeps its advantage (scale 1: no information to rescale by). ``max_scale``
+    everywhere) keeps its advantage (scale 1: no information to rescale by); an empty batch
+    gives an empty result. ``max_scale``
     caps P̄ / P_i (the scale is unbounded in the paper; a nearly deterministic response
     gets a huge one).
 
@@ -172,9 +175,9 @@ def sequence_entropy_advantages(advantages: torch.Tensor, entropy: torch.Tensor,
       Zhang et al., 2025, *EDGE-GRPO: Entropy-Driven GRPO with Guided Error Correction for
       Advantage Diversity*, arXiv 2507.21848.
     """
-    entropy = check_tensor("entropy", entropy, floating=True)
-    advantages = check_tensor("advantages", advantages, floating=True)
-    valid = check_mask("mask", mask, entropy.shape)
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
+    advantages = check_tensor("advantages", advantages, floating=True, allow_empty=True)
+    valid = check_mask("mask", mask, entropy.shape, allow_empty=True)
     check_same_device("mask", valid, "entropy", entropy)
     check_same_device("advantages", advantages, "entropy", entropy)
     if entropy.dim() == 0:
