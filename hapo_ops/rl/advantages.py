@@ -106,14 +106,51 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     With token counts L_i = Σ_t m_it:
       μ_g = Σ_i L_i R_i / Σ_i L_i,   σ_g = sqrt(Σ_i L_i (R_i - μ_g)² / Σ_i L_i),
       A_i = (R_i - μ_g) / (σ_g + eps)    (R_i - μ_g with ``normalize_std=False``),
-    broadcast over the valid tokens of row i, zero elsewhere. So Σ_i L_i A_i = 0 per group.
+    broadcast over the valid tokens of row i, zero elsewhere. So Σ_i L_i A_i = 0 per group:
+    the advantages of a group sum to zero over its tokens, the samples a token-mean loss
+    averages. Group statistics are accumulated in float64 (exact with large reward
+    offsets).
 
     Fallback: a group where some valid |A_i| ≥ ``fallback_threshold`` (a lone long outlier)
-    takes the GRPO advantages instead. ``variant="released"`` also counts each padding
-    position of the group's rows in that test, with the value (0 - μ_g)/(σ_g + eps), as the
-    public reference code does. A group with no valid token gets 0. ``fallback_threshold=None``
-    disables the fallback. ``group``: a process group; groups then pool rows over all ranks
-    (module docstring; "padding" is judged against each rank's own padded length L).
+    takes the GRPO advantages instead (``grpo_advantages``, same ``normalize_std`` and
+    ``eps``). ``variant="released"`` also counts each padding position of the group's rows
+    in that test, with the value (0 - μ_g)/(σ_g + eps), as the public reference code does.
+    A group with no valid token gets 0, so does a group whose rewards are all equal. An
+    empty batch (B = 0) gives an empty result.
+
+    Args:
+      rewards: (B,) float, one scalar reward per response, any floating dtype.
+      group_ids: (B,) integer, the prompt group of each response: any integers in any order
+        (equal ids form a group; rows of a group need not be contiguous).
+      mask: (B, L) bool or numeric, 1 = valid (generated) token of response i.
+      normalize_std: divide by σ_g + eps (default), or return R_i - μ_g.
+      eps: > 0, added to σ_g (a group of equal rewards gets exactly 0, never 0/0).
+      fallback_threshold: > 0, or None to disable the GRPO fallback.
+      variant: "paper" (default) or "released" (the public code's fallback test above).
+      group: a ``torch.distributed`` process group; groups then pool rows over all ranks
+        (module docstring; "padding" is judged against each rank's own padded length L),
+        and each rank gets its own rows.
+
+    Returns:
+      (B, L) per-token advantages in the promoted dtype of ``rewards`` (at least float32),
+      A_i on the valid tokens of row i, 0 elsewhere; detached from ``rewards``.
+
+    Examples:
+      >>> import torch
+      >>> rewards = torch.tensor([1.0, 0.0, 1.0])
+      >>> group_ids = torch.tensor([0, 0, 1])         # rows 0 and 1 answer the same prompt
+      >>> mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
+      >>> token_level_group_advantages(rewards, group_ids, mask)
+      tensor([[ 1.4142,  1.4142,  0.0000,  0.0000],
+              [-0.7071, -0.7071, -0.7071, -0.7071],
+              [ 0.0000,  0.0000,  0.0000,  0.0000]])
+
+      Group 0: μ = (2·1 + 4·0)/6 = 1/3, σ = √2/3, so 2 tokens × 1.4142 balance 4 tokens ×
+      (−0.7071); group 1 has one response: μ = R, A = 0.
+
+    References:
+      HAPO, arXiv 2509.16591, §3.2 (token-level group average and its fallback);
+      DeepSeekMath, arXiv 2402.03300, §4.1 (GRPO, the fallback).
     """
     _check_rewards_and_groups(rewards, group_ids)
     valid = _check_response_mask(mask, rewards)
