@@ -42,11 +42,14 @@ def kth_smallest(values: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
                  reduce_counts: CountReducer | None = None) -> torch.Tensor:
     """The k-th smallest (1-based) of ``values[valid]`` as a float32 0-d tensor.
 
-    ``k`` is an int64 0-d tensor in [1, count]; with ``reduce_counts`` (for example an
-    all-reduce sum across ranks) the selection runs over the union of every caller's values.
-    Four rounds of ``RADIX_BITS`` bits each fix the key from its top byte down. CPU tensors
+    ``k`` is an int64 0-d tensor, clamped to [1, count] (count = number of valid values):
+    k > count gives the largest valid value; no valid value gives 0. With ``reduce_counts``
+    (for example an all-reduce sum across ranks) the selection runs over the union of every
+    caller's values. Four rounds of ``RADIX_BITS`` bits each fix the key from its top byte
+    down; the first round's histogram also gives the count (no extra reduction). CPU tensors
     without a reducer take ``kthvalue`` instead (a host read is free there), except while
-    ``torch.compile`` traces (a host read would break the graph).
+    ``torch.compile`` traces (a host read would break the graph); both paths give the same
+    result for every k.
     """
     if (reduce_counts is None and values.device.type == "cpu"
             and not torch.compiler.is_compiling()):
@@ -65,11 +68,15 @@ def kth_smallest(values: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
         if reduce_counts is not None:
             counts = reduce_counts(counts)
         cumulative = counts.cumsum(0)
+        if not round_index:
+            total = cumulative[-1]
+            remaining = torch.minimum(remaining, total).clamp_min(1)
         chosen = (cumulative < remaining).sum().clamp_max(RADIX_BINS - 1)
         at = chosen.reshape(1)  # gather, not indexing: no host read of the digit
         remaining = remaining - (cumulative.gather(0, at) - counts.gather(0, at)).reshape(())
         prefix = (prefix << RADIX_BITS) | chosen
-    return ordered_key_to_float32(prefix)
+    selected = ordered_key_to_float32(prefix)
+    return torch.where(total > 0, selected, torch.zeros_like(selected))
 
 
 def _kth_smallest_on_host(values: torch.Tensor, valid: torch.Tensor,
