@@ -1,6 +1,12 @@
-"""Clip-Cov, KL-Cov, GSPO and CISPO against plain float64 references (the papers' formulas,
-the official Clip-Cov / KL-Cov conventions), their selections, boundaries, bad input,
-torch.compile, and data-parallel runs on gloo (one group per world size for the session)."""
+"""Clip-Cov, KL-Cov, GSPO and CISPO against plain float64 references written from the papers'
+formulas (Clip-Cov / KL-Cov: arXiv 2505.22617 and its official conventions; GSPO: arXiv
+2507.18071; CISPO: arXiv 2506.13585), none of which calls the library: aggregation, the
+covariance, the candidates and the choice of tokens (Clip-Cov's seeded hash keys and the
+token-order tie rule, KL-Cov's top-k) are re-implemented here. Also: selections on the radix
+path (compiled) against the eager one, boundaries, bad input, torch.compile, and
+data-parallel runs on gloo (one group per world size for the session).
+
+Comparisons are made in float64 with the tolerances of the dtype the loss returns."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from hypothesis import strategies as st
 
 from hapo_ops.rl.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
                                        gspo_policy_loss, kl_cov_policy_loss)
-from hapo_ops.rl.losses import AGGREGATION_MODES, aggregate_loss
+from hapo_ops.rl.losses import AGGREGATION_MODES
 from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=25)
@@ -39,7 +45,7 @@ def assert_elementwise(got, want, atol, rtol):
 
 
 def tol(dtype):
-    return (2e-6, 2e-5) if dtype == torch.float32 else (1e-12, 1e-10)
+    return (2e-6, 2e-5) if dtype != F64 else (1e-12, 1e-10)
 
 
 def make_batch(seed, B, L, dtype=torch.float32, per_token_adv=False, density=0.75, spread=0.4):
@@ -71,6 +77,29 @@ def ref_inputs(lp, old, adv, mask, clamp=20.0):
     return leaf, lp64, old64, a, log_ratio, log_ratio.exp()
 
 
+def ref_aggregate(per_token, mask, agg):
+    """The five aggregation modes from their formulas (float64); no valid token gives 0.
+
+    token-mean Σℓ/Σm; token-sum Σℓ; seq-mean-token-sum Σ_i Σ_t ℓ / #rows with a token;
+    seq-mean-token-mean Σ_i (Σ_t ℓ / L_i) / #rows with a token (rows with L_i = 0 add 0);
+    seq-mean-token-sum-norm Σℓ / L (the padded length, Dr. GRPO)."""
+    m = mask.bool()
+    x = torch.where(m, per_token, torch.zeros((), dtype=F64))
+    lengths = m.sum(-1)
+    n, rows = int(m.sum()), int((lengths > 0).sum())
+    if agg == "token-mean":
+        return x.sum() / n if n else x.sum()
+    if agg == "token-sum":
+        return x.sum()
+    if agg == "seq-mean-token-sum":
+        return x.sum() / rows if rows else x.sum()
+    if agg == "seq-mean-token-mean":
+        per_row = x.sum(-1) / lengths.clamp_min(1).double()
+        return per_row.sum() / rows if rows else per_row.sum()
+    assert agg == "seq-mean-token-sum-norm"
+    return x.sum() / m.shape[-1]
+
+
 def ref_cov(a, lp64, m):
     """Centred covariance with means over the valid tokens (float64, detached)."""
     n = m.sum().double().clamp_min(1)
@@ -80,23 +109,51 @@ def ref_cov(a, lp64, m):
     return (a - a_bar) * (lp64.detach() - lp_bar)
 
 
+def ref_k3(r, log_ratio, m):
+    """approx_kl: mean over valid tokens of (r - 1) - log r."""
+    n = int(m.sum())
+    k3 = torch.where(m, (r - 1) - log_ratio, torch.zeros((), dtype=F64)).sum()
+    return k3 / n if n else k3
+
+
+def ref_selection_size(n, fraction):
+    """max(⌊fraction · n⌋, 1) tokens (0 with no valid token)."""
+    return max(math.floor(n * fraction), 1) if n else 0
+
+
 def ref_ppo(a, r, el, eh):
     return torch.maximum(-a * r, -a * torch.clamp(r, 1 - el, 1 + eh))
 
 
-def check_against(out, leaf, lp, ref_per_token, mask, agg, dtype):
-    """per-token values, the aggregated loss and the gradient against the reference."""
+def check_against(out, leaf, lp, ref_per_token, mask, agg):
+    """per-token values, the aggregated loss and the gradient against the reference, with
+    the tolerances of the dtype the loss returns."""
     m = mask.bool()
-    atol, rtol = tol(dtype)
+    atol, rtol = tol(out.per_token.dtype)
     ref_per_token = torch.where(m, ref_per_token, torch.zeros((), dtype=F64))
     assert_elementwise(out.per_token.detach(), ref_per_token.detach(), atol, rtol)
-    ref_loss = aggregate_loss(ref_per_token, m, agg)
+    ref_loss = ref_aggregate(ref_per_token, m, agg)
     assert_elementwise(out.loss.detach(), ref_loss.detach(), atol, rtol)
     (grad,) = torch.autograd.grad(out.loss, lp)
     (ref_grad,) = torch.autograd.grad(ref_loss, leaf, allow_unused=True)
     ref_grad = torch.zeros_like(leaf) if ref_grad is None else ref_grad
     assert torch.isfinite(grad).all()
+    atol, rtol = tol(grad.dtype)
     assert_elementwise(grad, ref_grad, atol, rtol)
+
+
+def check_metrics(out, mask, *, clip_low, clip_high, approx_kl, selected):
+    """The scalar outputs against reference values (floats or float64 tensors)."""
+    atol, rtol = tol(out.per_token.dtype)
+    for got, want in [(out.clip_frac_low, clip_low), (out.clip_frac_high, clip_high),
+                      (out.approx_kl, approx_kl), (out.selected_frac, selected)]:
+        assert_elementwise(got.detach(), torch.as_tensor(want, dtype=F64), atol, rtol)
+    assert float(out.dual_clip_frac) == 0.0                 # none of these has a dual clip
+
+
+def masked_fraction(flags, m):
+    n = int(m.sum())
+    return float((flags & m).sum()) / n if n else 0.0
 
 
 batch_args = dict(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 4), L=st.integers(1, 6),
@@ -107,19 +164,24 @@ batch_args = dict(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 4), L=st.inte
 # --------------------------------------------------------------------------- KL-Cov
 
 
+def ref_kl_cov_choice(cov, m, fraction):
+    """The k = max(⌊fraction·n⌋, 1) valid tokens with the largest covariance, compared in
+    float32; ties go to the earlier token (row-major order)."""
+    cov32 = cov.float()
+    chosen = torch.zeros_like(m)
+    ranked = sorted((-float(cov32.view(-1)[i]), i) for i in range(m.numel()) if m.view(-1)[i])
+    for _, i in ranked[:ref_selection_size(int(m.sum()), fraction)]:
+        chosen.view(-1)[i] = True
+    return chosen
+
+
 def ref_kl_cov(lp, old, adv, mask, fraction=2e-4, coef=1.0):
+    """ℓ = −A·r, plus β·|log r| on the chosen top-covariance tokens (no ratio clip)."""
     leaf, lp64, old64, a, log_ratio, r = ref_inputs(lp, old, adv, mask)
     m = mask.bool()
-    cov32 = ref_cov(a, lp64, m).float()
-    n = int(m.sum())
-    chosen = torch.zeros_like(m)
-    if n:
-        k = max(int(fraction * n), 1)
-        flat = [(-float(cov32.view(-1)[i]), i) for i in range(m.numel()) if m.view(-1)[i]]
-        for _, i in sorted(flat)[:k]:                   # largest Cov first; ties: earlier
-            chosen.view(-1)[i] = True
+    chosen = ref_kl_cov_choice(ref_cov(a, lp64, m), m, fraction)
     per_token = -a * r + torch.where(chosen, coef * log_ratio.abs(), torch.zeros((), dtype=F64))
-    return leaf, per_token, chosen
+    return leaf, per_token, chosen, ref_k3(r.detach(), log_ratio.detach(), m)
 
 
 @settings(**SETTINGS)
@@ -128,11 +190,10 @@ def ref_kl_cov(lp, old, adv, mask, fraction=2e-4, coef=1.0):
 def test_kl_cov_matches_reference(seed, B, L, dtype, per_token_adv, agg, fraction, coef):
     lp, old, adv, mask = make_batch(seed, B, L, dtype, per_token_adv)
     out = kl_cov_policy_loss(lp, old, adv, mask, cov_fraction=fraction, kl_coef=coef, agg=agg)
-    leaf, ref_per_token, chosen = ref_kl_cov(lp, old, adv, mask, fraction, coef)
-    check_against(out, leaf, lp, ref_per_token, mask, agg, dtype)
-    n = max(int(mask.sum()), 1)
-    assert math.isclose(float(out.selected_frac), float(chosen.sum()) / n, abs_tol=1e-7)
-    assert float(out.clip_frac_low) == float(out.clip_frac_high) == 0.0
+    leaf, ref_per_token, chosen, k3 = ref_kl_cov(lp, old, adv, mask, fraction, coef)
+    check_against(out, leaf, lp, ref_per_token, mask, agg)
+    check_metrics(out, mask, clip_low=0.0, clip_high=0.0, approx_kl=k3,
+                  selected=masked_fraction(chosen, mask.bool()))
 
 
 def test_kl_cov_worked_example_ties_and_selection_size():
@@ -143,6 +204,7 @@ def test_kl_cov_worked_example_ties_and_selection_size():
     # Cov = (1.425, -1.075, -1.725, 2.075): only (1, 1) is penalised, by |log r| = 0.5.
     want = torch.tensor([[-math.exp(0.2), -1.0], [1.0, math.exp(-0.5) + 0.5]])
     assert torch.allclose(out.per_token, want)
+    assert float(out.selected_frac) == 0.25 and float(out.dual_clip_frac) == 0.0
     # Ties: every token has the same covariance (A - 0)(log π + 2) = 1 -> the first k in
     # token order; k = max(⌊fraction · 8⌋, 1).
     lp = torch.tensor([[-1.0, -3.0, -1.0, -3.0]]).repeat(2, 1)
@@ -153,6 +215,7 @@ def test_kl_cov_worked_example_ties_and_selection_size():
         penalised = out.per_token != -adv * math.exp(0.5)
         assert int(penalised.sum()) == k, fraction
         assert torch.equal(penalised.view(-1), torch.arange(8) < k)   # earliest first
+        assert float(out.selected_frac) == k / 8 and float(out.dual_clip_frac) == 0.0
     # Empty batch: no NaN, zero loss.
     out = kl_cov_policy_loss(lp, lp, adv, torch.zeros(2, 4))
     assert float(out.loss.detach()) == 0.0 and float(out.selected_frac) == 0.0
@@ -161,15 +224,59 @@ def test_kl_cov_worked_example_ties_and_selection_size():
 # --------------------------------------------------------------------------- Clip-Cov
 
 
+def ref_hash_keys(seed, B, L):
+    """Clip-Cov's documented seeded keys, in plain Python integers: the 32-bit
+    xor-shift-multiply mixer "lowbias32" (C. Wellons) h(x), and
+    key = h(h(h(seed ^ 0x9E3779B9) ^ row) ^ column) >> 8, an integer in [0, 2^24)."""
+    m32 = 0xFFFFFFFF
+
+    def h(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & m32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & m32
+        return x ^ (x >> 16)
+
+    base = h((seed & m32) ^ 0x9E3779B9)
+    return [[h(h(base ^ row) ^ column) >> 8 for column in range(L)] for row in range(B)]
+
+
 def ref_clip_cov_parts(lp, old, adv, mask, lb, ub, el, eh):
-    """(leaf, PPO per-token loss, Clip-Cov candidates) as the official code defines them."""
+    """(leaf, PPO per-token loss, Clip-Cov candidates, ratio, log ratio, A) as the paper and
+    the official code define them: valid tokens not held by the ratio clip with
+    c_lb < Cov < c_ub."""
     leaf, lp64, old64, a, log_ratio, r = ref_inputs(lp, old, adv, mask)
     m = mask.bool()
     unclipped, clipped = -a * r, -a * torch.clamp(r, 1 - el, 1 + eh)
     held = clipped.detach() > unclipped.detach()
     cov = ref_cov(a, lp64, m)
     candidates = m & ~held & (cov > lb) & (cov < ub)
-    return leaf, torch.maximum(unclipped, clipped), candidates
+    return leaf, torch.maximum(unclipped, clipped), candidates, r.detach(), log_ratio.detach(), a
+
+
+def ref_clip_cov_choice(candidates, m, fraction, keys):
+    """min(max(⌊fraction·n⌋, 1), #candidates) candidates with the smallest keys; equal keys
+    in token order (row-major)."""
+    B, L = m.shape
+    ranked = sorted((keys[i][t], i * L + t) for i in range(B) for t in range(L)
+                    if candidates[i, t])
+    chosen = torch.zeros_like(m)
+    for _, flat in ranked[:ref_selection_size(int(m.sum()), fraction)]:
+        chosen.view(-1)[flat] = True
+    return chosen
+
+
+def ref_clip_cov(lp, old, adv, mask, fraction, bounds, eps, seed):
+    """(leaf, per-token loss, chosen, candidates, metrics) of Clip-Cov with seeded keys."""
+    leaf, ppo, candidates, r, log_ratio, a = ref_clip_cov_parts(lp, old, adv, mask, *bounds,
+                                                                *eps)
+    m = mask.bool()
+    chosen = ref_clip_cov_choice(candidates, m, fraction, ref_hash_keys(seed, *m.shape))
+    per_token = torch.where(chosen, torch.zeros((), dtype=F64), ppo)
+    metrics = dict(clip_low=masked_fraction((a < 0) & (r < 1 - eps[0]), m),
+                   clip_high=masked_fraction((a > 0) & (r > 1 + eps[1]), m),
+                   approx_kl=ref_k3(r, log_ratio, m), selected=masked_fraction(chosen, m))
+    return leaf, per_token, chosen, candidates, metrics
 
 
 @settings(**SETTINGS)
@@ -181,18 +288,35 @@ def test_clip_cov_matches_reference(seed, B, L, dtype, per_token_adv, agg, fract
     lp, old, adv, mask = make_batch(seed, B, L, dtype, per_token_adv, spread=0.6)
     out = clip_cov_policy_loss(lp, old, adv, mask, cov_fraction=fraction, cov_bounds=bounds,
                                eps_low=eps[0], eps_high=eps[1], seed=key_seed, agg=agg)
-    leaf, ppo, candidates = ref_clip_cov_parts(lp, old, adv, mask, *bounds, *eps)
-    m = mask.bool()
-    n = int(m.sum())
-    cut = m & (out.per_token.detach() == 0) & (ppo.detach() != 0)
-    k = min(max(int(fraction * n), 1), int(candidates.sum())) if n else 0
-    assert int(cut.sum()) == k and not (cut & ~candidates).any()
-    assert math.isclose(float(out.selected_frac), k / max(n, 1), abs_tol=1e-7)
+    leaf, ref_per_token, chosen, candidates, metrics = ref_clip_cov(
+        lp, old, adv, mask, fraction, bounds, eps, key_seed)
+    check_against(out, leaf, lp, ref_per_token, mask, agg)
+    check_metrics(out, mask, **metrics)
     if fraction == 1.0:
-        assert torch.equal(cut, candidates)                  # full selection
-    ref_per_token = torch.where(cut, torch.zeros((), dtype=F64), ppo)
-    check_against(out, leaf, lp, ref_per_token, mask, agg, dtype)
+        assert torch.equal(chosen, candidates)               # full selection
 
+
+def test_clip_cov_generator_choice_properties():
+    """``generator=`` keys are drawn, not hashed: the choice is checked by its properties
+    (exact count, only candidates, reproducible), and the loss against the reference on the
+    chosen set."""
+    for trial in range(6):
+        lp, old, adv, mask = make_batch(40 + trial, 4, 6, spread=0.6)
+        kw = dict(cov_fraction=0.3, cov_bounds=(0.01, 5.0), eps_low=0.2, eps_high=0.28,
+                  agg="seq-mean-token-mean")
+        out = clip_cov_policy_loss(lp, old, adv, mask,
+                                   generator=torch.Generator().manual_seed(trial), **kw)
+        again = clip_cov_policy_loss(lp, old, adv, mask,
+                                     generator=torch.Generator().manual_seed(trial), **kw)
+        assert torch.equal(out.per_token, again.per_token)
+        leaf, ppo, candidates, *_ = ref_clip_cov_parts(lp, old, adv, mask, 0.01, 5.0, 0.2, 0.28)
+        m = mask.bool()
+        chosen = m & (out.per_token.detach() == 0) & (ppo.detach() != 0)
+        k = min(ref_selection_size(int(m.sum()), 0.3), int(candidates.sum()))
+        assert int(chosen.sum()) == k and not (chosen & ~candidates).any()
+        assert math.isclose(float(out.selected_frac), k / int(m.sum()), rel_tol=1e-6)
+        check_against(out, leaf, lp, torch.where(chosen, torch.zeros((), dtype=F64), ppo),
+                      mask, "seq-mean-token-mean")
 
 def test_clip_cov_skips_tokens_the_ratio_clip_holds():
     # Two responses, A = +1 / -1; every token's covariance is exactly 1.
@@ -259,6 +383,73 @@ def test_clip_cov_empty_selections():
     assert float(out.selected_frac) == 0.0
 
 
+# ------------------------------------------------- selections on the radix path (compiled)
+
+
+def _selection_batches():
+    """Batches of one shape (4, 6) for the radix path: random; every covariance tied (rows
+    of constant log π, A = ±1: Cov = 1 at each valid token); few candidates (the log-probs
+    near their mean: most |Cov| below the Clip-Cov bound, so k > #candidates); a single
+    valid token; no valid token."""
+    B, L = 4, 6
+    batches = {"random": make_batch(5, B, L, spread=0.6)}
+    lp = torch.tensor([-1.0, -3.0, -1.0, -3.0])[:, None].expand(B, L).clone()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    batches["ties"] = (lp.requires_grad_(True), lp.detach() - 0.05, adv,
+                       torch.ones(B, L, dtype=torch.bool))
+    g = torch.Generator().manual_seed(3)
+    lp = -1.0 + 0.01 * torch.randn(B, L, generator=g)
+    lp[0, :2] = torch.tensor([-3.0, 1.0])
+    batches["few-candidates"] = (lp.requires_grad_(True), lp.detach() - 0.05,
+                                 torch.randn(B, generator=g),
+                                 torch.ones(B, L, dtype=torch.bool))
+    one = torch.zeros(B, L, dtype=torch.bool)
+    one[2, 3] = True
+    batches["one-token"] = (*make_batch(6, B, L)[:3], one)
+    batches["empty"] = (*make_batch(7, B, L)[:3], torch.zeros(B, L, dtype=torch.bool))
+    return batches
+
+
+RADIX_CASES = {
+    "clip_cov": (functools.partial(clip_cov_policy_loss, cov_fraction=0.5,
+                                   cov_bounds=(0.02, 2.0), eps_low=0.2, eps_high=0.28, seed=17),
+                 lambda lp, old, adv, mask: ref_clip_cov(lp, old, adv, mask, 0.5, (0.02, 2.0),
+                                                         (0.2, 0.28), 17)[:3]),
+    "kl_cov": (functools.partial(kl_cov_policy_loss, cov_fraction=0.5),
+               lambda lp, old, adv, mask: ref_kl_cov(lp, old, adv, mask, 0.5)[:3]),
+}
+
+
+@pytest.mark.parametrize("name", list(RADIX_CASES))
+def test_selection_on_the_radix_path_matches_eager_and_reference(name):
+    """Compiled, the selection takes the radix k-th value (as on an accelerator) instead of
+    the CPU's host ``kthvalue``: same chosen tokens, values and gradients as eager and as
+    the reference, with ties, k above the number of candidates, one or no valid token."""
+    fn, ref = RADIX_CASES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    k_above_candidates = False
+    for batch_name, (lp, old, adv, mask) in _selection_batches().items():
+        eager_lp = lp.detach().clone().requires_grad_(True)
+        eager = fn(eager_lp, old, adv, mask)
+        got = compiled(lp, old, adv, mask)
+        assert torch.equal(got.per_token.detach(), eager.per_token.detach()), batch_name
+        assert torch.equal(got.selected_frac, eager.selected_frac), batch_name
+        assert torch.equal(got.loss.detach(), eager.loss.detach()), batch_name
+        (grad,) = torch.autograd.grad(got.loss, lp, retain_graph=True)
+        (eager_grad,) = torch.autograd.grad(eager.loss, eager_lp)
+        assert torch.equal(grad, eager_grad), batch_name
+        leaf, ref_per_token, chosen = ref(lp, old, adv, mask)
+        check_against(got, leaf, lp, ref_per_token, mask, "token-mean")
+        assert math.isclose(float(got.selected_frac), masked_fraction(chosen, mask.bool()),
+                            abs_tol=1e-7), batch_name
+        if name == "clip_cov":
+            candidates = ref_clip_cov_parts(lp, old, adv, mask, 0.02, 2.0, 0.2, 0.28)[2]
+            n = int(mask.sum())
+            k_above_candidates |= n > 0 and ref_selection_size(n, 0.5) > int(candidates.sum())
+    assert k_above_candidates or name == "kl_cov"
+
+
 # --------------------------------------------------------------------------- GSPO
 
 
@@ -272,13 +463,18 @@ def ref_gspo_sequence(lp, old, adv, mask, el, eh):
 
 
 def ref_gspo_token(lp, old, adv, mask, el, eh):
-    """GSPO-token: s_it = sg(s_i) · π_t / sg(π_t)."""
-    leaf, lp64, old64, a, log_ratio, _ = ref_inputs(lp, old, adv, mask)
+    """GSPO-token: s_it = sg(s_i) · π_t / sg(π_t); metrics: the clip holds A < 0 below
+    1 − ε_low and A > 0 above 1 + ε_high; approx_kl the token-level k3."""
+    leaf, lp64, old64, a, log_ratio, r = ref_inputs(lp, old, adv, mask)
     m = mask.bool()
     n = m.sum(-1, keepdim=True).clamp_min(1).double()
     s = torch.exp(torch.where(m, log_ratio, 0.0).sum(-1, keepdim=True).detach() / n)
     s_t = s * torch.exp(lp64 - lp64.detach())
-    return leaf, ref_ppo(a, s_t, el, eh)
+    s = s.expand_as(a)
+    metrics = dict(clip_low=masked_fraction((a < 0) & (s < 1 - el), m),
+                   clip_high=masked_fraction((a > 0) & (s > 1 + eh), m),
+                   approx_kl=ref_k3(r.detach(), log_ratio.detach(), m), selected=0.0)
+    return leaf, ref_ppo(a, s_t, el, eh), metrics
 
 
 @settings(**SETTINGS)
@@ -286,14 +482,15 @@ def ref_gspo_token(lp, old, adv, mask, el, eh):
 def test_gspo_matches_reference(seed, B, L, dtype, per_token_adv, agg, eps):
     lp, old, adv, mask = make_batch(seed, B, L, dtype, per_token_adv, spread=0.05)
     out = gspo_policy_loss(lp, old, adv, mask, eps_low=eps[0], eps_high=eps[1], agg=agg)
-    leaf, ref = ref_gspo_token(lp, old, adv, mask, *eps)
-    check_against(out, leaf, lp, ref, mask, agg, dtype)
+    leaf, ref, metrics = ref_gspo_token(lp, old, adv, mask, *eps)
+    check_against(out, leaf, lp, ref, mask, agg)
+    check_metrics(out, mask, **metrics)
     if not per_token_adv:           # one A per response: the sequence-level objective itself
         lp2 = lp.detach().clone().requires_grad_(True)
         out = gspo_policy_loss(lp2, old, adv, mask, eps_low=eps[0], eps_high=eps[1],
                                agg="seq-mean-token-mean")
         leaf, ref = ref_gspo_sequence(lp2, old, adv, mask, *eps)
-        check_against(out, leaf, lp2, ref, mask, "seq-mean-token-mean", dtype)
+        check_against(out, leaf, lp2, ref, mask, "seq-mean-token-mean")
 
 
 def test_gspo_clip_boundaries_and_defaults():
@@ -322,11 +519,18 @@ def test_gspo_clip_boundaries_and_defaults():
 
 
 def ref_cispo(lp, old, adv, mask, el, eh):
+    """ℓ = −sg(clip(r, 1 − ε_low, 1 + ε_high))·A·log π (no lower bound with ε_low None);
+    the clip fractions count clipped weights whatever the sign of A."""
     leaf, lp64, old64, a, log_ratio, r = ref_inputs(lp, old, adv, mask)
-    w = r.detach().clamp(max=1 + eh)
+    m = mask.bool()
+    r = r.detach()
+    w = r.clamp(max=1 + eh)
     if el is not None:
         w = w.clamp(min=1 - el)
-    return leaf, -w * a * lp64
+    metrics = dict(clip_low=0.0 if el is None else masked_fraction(r < 1 - el, m),
+                   clip_high=masked_fraction(r > 1 + eh, m),
+                   approx_kl=ref_k3(r, log_ratio.detach(), m), selected=0.0)
+    return leaf, -w * a * lp64, metrics
 
 
 @settings(**SETTINGS)
@@ -334,8 +538,9 @@ def ref_cispo(lp, old, adv, mask, el, eh):
 def test_cispo_matches_reference(seed, B, L, dtype, per_token_adv, agg, eps):
     lp, old, adv, mask = make_batch(seed, B, L, dtype, per_token_adv, spread=0.6)
     out = cispo_policy_loss(lp, old, adv, mask, eps_low=eps[0], eps_high=eps[1], agg=agg)
-    leaf, ref = ref_cispo(lp, old, adv, mask, *eps)
-    check_against(out, leaf, lp, ref, mask, agg, dtype)
+    leaf, ref, metrics = ref_cispo(lp, old, adv, mask, *eps)
+    check_against(out, leaf, lp, ref, mask, agg)
+    check_metrics(out, mask, **metrics)
 
 
 def test_cispo_keeps_gradients_of_clipped_tokens_and_boundaries():
@@ -512,16 +717,25 @@ def test_data_parallel_matches_single_process(data_parallel, name):
     total = sum(res[name][1] for res in results)
     assert_elementwise(total, want.loss.detach(), 1e-6, 1e-5)
     assert_elementwise(torch.cat([res[name][2] for res in results]), full.grad, 1e-7, 1e-6)
-    if name.startswith("kl_cov"):
+    kw = DP_CASES[name].keywords
+    if name.startswith("clip_cov"):
+        eps = (kw.get("eps_low", 1.0), kw.get("eps_high", 1.0))
+        _, ref, *_ = ref_clip_cov(lp, old, adv, mask, kw["cov_fraction"], kw["cov_bounds"], eps,
+                                  kw["seed"])
+    else:
+        _, ref, *_ = ref_kl_cov(lp, old, adv, mask, kw["cov_fraction"])
         penalised = per_token != -adv[:, None] * (lp - old).exp()
-        k = max(int(float(DP_CASES[name].keywords["cov_fraction"]) * int(mask.sum())), 1)
-        assert int((penalised & mask).sum()) == k
+        assert int((penalised & mask).sum()) == ref_selection_size(int(mask.sum()),
+                                                                   kw["cov_fraction"])
+    atol, rtol = tol(per_token.dtype)
+    assert_elementwise(per_token, torch.where(mask, ref, torch.zeros((), dtype=F64)).detach(),
+                       atol, rtol)
 
 
 def test_data_parallel_generator_keys_and_empty(data_parallel):
     (rows, lp, old, adv, mask), results = data_parallel
     m = mask.bool()
-    _, ppo, candidates = ref_clip_cov_parts(lp, old, adv, mask, 0.02, 50.0, 1.0, 1.0)
-    k = min(max(int(0.2 * int(m.sum())), 1), int(candidates.sum()))
+    _, ppo, candidates, *_ = ref_clip_cov_parts(lp, old, adv, mask, 0.02, 50.0, 1.0, 1.0)
+    k = min(ref_selection_size(int(m.sum()), 0.2), int(candidates.sum()))
     assert sum(res["generator-cut"] for res in results) == k
     assert all(float(res["empty"]) == 0.0 for res in results)
