@@ -7,6 +7,7 @@ The data-parallel checks run on the session's gloo group of each world size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -297,6 +298,29 @@ def test_all_masked_batch_selects_nothing_and_keeps_advantages():
     assert not entropy_quantile_mask(h, m, per_sequence=True).any()
     adv = torch.tensor([1.0, -2.0, 0.5])
     assert torch.equal(sequence_entropy_advantages(adv, h, m), adv)
+
+
+def test_quantile_mask_on_the_radix_path_matches_eager_and_reference():
+    """Compiled, the batch quantile takes the radix k-th value (as on an accelerator)
+    instead of the CPU's host ``kthvalue``: the same mask as eager and the reference, with
+    ties, one valid token, an all-masked batch and NaN at masked positions."""
+    g = torch.Generator().manual_seed(8)
+    ties = (torch.randint(0, 3, (4, 6), generator=g) * 0.5).float()
+    one = torch.zeros(4, 6, dtype=torch.bool)
+    one[1, 4] = True
+    garbage = torch.rand(4, 6, generator=g)
+    garbage_mask = torch.rand(4, 6, generator=g) < 0.6
+    garbage[~garbage_mask] = float("nan")
+    batches = [(torch.rand(4, 6, generator=g), torch.rand(4, 6, generator=g) < 0.7),
+               (ties, torch.ones(4, 6, dtype=torch.bool)), (ties, one),
+               (ties, torch.zeros(4, 6, dtype=torch.bool)), (garbage, garbage_mask)]
+    fn = functools.partial(entropy_quantile_mask, top_fraction=0.3)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    for entropy, mask in batches:
+        got = compiled(entropy, mask)
+        assert torch.equal(got, fn(entropy, mask))
+        assert torch.equal(got, ref_quantile_mask(entropy, mask, 0.3))
 
 
 # --------------------------------------------------------------------------- data parallel
