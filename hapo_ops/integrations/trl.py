@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import hapo_ops
-from hapo_ops._utils.validation import check_choice, check_float
+from hapo_ops._utils.validation import VARIANTS, check_choice, check_float
 
 try:
     from transformers import LogitsProcessorList
@@ -79,7 +79,7 @@ class HAPOGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
+        check_choice("hapo_variant", self.hapo_variant, VARIANTS)
         check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False,
                     max_value=1.0, max_inclusive=False)
         check_float("hapo_alpha", self.hapo_alpha)
