@@ -164,8 +164,9 @@ def logprob_table(doc: dict[str, Any]) -> str:
     headers = ["impl", "dtype", "N", "V", "mode", "median ms", "min–max", "reps", "GB/s",
                "% of copy BW", "peak MB", "vs torch-eager", "note"]
     rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), r["mode"],
-             _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1),
-             _num(r["extra_peak_mb"], 1), vs_baseline(doc, r), _status(r)]
+             _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1),
+             _num(r["pct_copy_bw"], 1), _num(r["extra_peak_mb"], 1), vs_baseline(doc, r),
+             _status(r)]
             for r in _rows(doc, "logprob")]
     return table(headers, rows)
 
@@ -201,8 +202,9 @@ def sampler_table(doc: dict[str, Any]) -> str:
     headers = ["impl", "dtype", "B", "V", "median ms", "min–max", "reps", "GB/s", "% of copy BW",
                "peak MB", "vs torch-eager", "note"]
     rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), _ms(r["median_ms"]),
-             _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1), _num(r["extra_peak_mb"], 1),
-             vs_baseline(doc, r), _status(r)] for r in _rows(doc, "sampler")]
+             _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1),
+             _num(r["extra_peak_mb"], 1), vs_baseline(doc, r), _status(r)]
+            for r in _rows(doc, "sampler")]
     return table(headers, rows)
 
 

@@ -313,6 +313,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
                 model_inputs["logits_to_keep"] = logits_to_keep + 1
             with self.accelerator.autocast():
                 logits = model(**model_inputs).logits
+            # position t scores token t + 1; the last logits_to_keep positions are the completion's
             logits = logits[:, :-1, :][:, -logits_to_keep:, :]
             labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
             logps, _ = hapo_ops.logprobs_and_entropy(
