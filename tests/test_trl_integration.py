@@ -361,7 +361,7 @@ def _loss_entropy_stats_on_rank(rank, world, output_dir):
                 compute_entropy=True)
         return (trainer._metrics["train"]["hapo/pivot"][-1],
                 entropy[inputs["completion_mask"].bool()])
-    finally:
+    finally:  # leave the pool's process as it was for the next test
         AcceleratorState._reset_state(reset_partial_state=True)
         for key, value in saved.items():
             if value is None:
