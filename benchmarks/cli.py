@@ -2,7 +2,9 @@
 [--device cpu|cuda] [--budget-s S]``.
 
 Progress goes to stderr, the final Markdown tables to stdout. Files (results.json,
-results.md, a PNG plot when matplotlib is importable) are written only with ``--out``.
+results.md, a PNG plot when matplotlib is importable) are written only with ``--out``;
+without it the run says so. A warning goes to stderr (and into the tables' header) when the
+load average exceeds the number of cores.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmarks of hapo_ops: trainer-side ops at the size of one RL step, "
-                    "and log-prob + entropy from logits against eager, torch.compile and "
-                    "Liger-Kernel (CUDA).")
+                    "log-prob + entropy from logits (against eager, and on CUDA "
+                    "torch.compile and Liger-Kernel) and from hidden states, the "
+                    "adaptive-temperature sampler, sampling replay and the bytes of the "
+                    "distributed ops. Tables (median and min–max of the repetitions) go to "
+                    "stdout, progress to stderr; nothing is saved without --out.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller trainer batch (1024 responses), fewer CPU tokens, "
                              "shorter CUDA timing")
@@ -34,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: print only)")
     parser.add_argument("--only", type=_suites, metavar="SUITE[,SUITE...]",
                         help=f"run these suites ({', '.join(SUITES)}, comma-separated) or rl "
-                             "alone; rl (training runs of every method, about 15 minutes, 3 "
-                             "with --quick) runs only when named")
+                             "alone; rl (training runs of every method and seed, about 12 "
+                             "minutes on 2 idle cores, 2 with --quick) runs only when named")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="rl suite: number of seeds (default 5, 2 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
@@ -95,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     metadata.update(argv=sys.argv[1:] if argv is None else argv, quick=args.quick,
                     smoke=args.smoke, budget_s=args.budget_s, timing=dataclasses.asdict(config))
     common.log(f"device {metadata['device_name']}, torch {metadata['torch']}, "
-               f"triton {metadata['triton']}")
+               f"triton {metadata['triton']}, load average "
+               f"{metadata['load_average_1m_at_start']} on {metadata['cpu_count']} cores")
+    busy = common.busy_machine_warning(metadata["load_average_1m_at_start"],
+                                       metadata["cpu_count"])
+    if busy:
+        common.log(f"warning: {busy}")
+    if not args.out:
+        common.log("results are printed only, not saved: pass --out DIR to keep them")
 
     results: list[common.Result] = []
     accuracy: list[dict[str, Any]] = []
@@ -139,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = report.build(metadata, results, accuracy, published)
     text = report.markdown(doc)
     print(text)
+    busy = common.busy_machine_warning(metadata["load_average_1m_at_end"],
+                                       metadata["cpu_count"])
+    if busy:
+        common.log(f"warning: {busy}")
     if args.out:
         for path in report.write(doc, text, args.out):
             common.log(f"wrote {path}")
+    else:
+        common.log("results not saved (no --out DIR): the tables above are the only copy")
     common.log(f"done in {metadata['wall_s']} s")
     return 1 if "interrupted" in metadata else 0

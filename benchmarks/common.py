@@ -3,7 +3,8 @@
 Timing
   Warm-up calls first, never timed: the first one's wall time is kept as ``first_call_s``
   (it includes compilation and autotuning, e.g. ``torch.compile``). Then per-repetition
-  timing, the median reported: CUDA events around each call on CUDA (like
+  timing, the median reported with the minimum and maximum of the repetitions (their spread
+  shows how much a busy machine moved the numbers): CUDA events around each call on CUDA (like
   ``triton.testing.do_bench``, without the L2 flush: every tensor here is far larger than
   L2; the number of repetitions adapts to a time target), ``time.perf_counter`` around each
   of 2-3 calls on CPU. A case may give a ``setup`` that runs before every call (warm-up and
@@ -24,6 +25,7 @@ Memory ("peak MB", ``MEMORY_DEFINITION``)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -31,11 +33,13 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -71,6 +75,7 @@ class Result:
     status: str = "ok"              # ok | oom | error | skipped
     median_ms: float | None = None
     min_ms: float | None = None
+    max_ms: float | None = None
     reps: int = 0
     first_call_s: float | None = None
     bytes_moved: int | None = None  # minimum-traffic model, for GB/s
@@ -92,6 +97,7 @@ class Result:
 class Timing:
     median_ms: float
     min_ms: float
+    max_ms: float
     reps: int
     first_call_s: float
 
@@ -141,8 +147,8 @@ def time_fn(fn: Callable[[], Any], device: torch.device, config: TimingConfig,
     else:
         times = _cpu_times(fn, 1, setup)
         times += _cpu_times(fn, _reps(config, times[0]) - 1, setup)
-    return Timing(median_ms=statistics.median(times), min_ms=min(times), reps=len(times),
-                  first_call_s=first_call_s)
+    return Timing(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                  reps=len(times), first_call_s=first_call_s)
 
 
 def _reps(config: TimingConfig, estimate_ms: float) -> int:
@@ -207,7 +213,8 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     allocated then (blocks alive before the call never count)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU],
+                                       profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and "cpu" in str(e.device_type()).lower()]
@@ -217,6 +224,36 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
         total += event.nbytes()
         peak = max(peak, total)
     return peak
+
+
+# A line of Kineto's own log (the torch profiler's backend), e.g.
+# "USDT:2026-12-03 08:32:33 10103:10103 SyncActivityProfilerHandler.cpp:59] profiler_stop".
+_PROFILER_LOG_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def quiet_profiler_log() -> Iterator[None]:
+    """Drop the lines Kineto writes to the process's stderr (file descriptor 2) at every
+    profiler start and stop, while the block runs; every other line written to stderr in
+    the meantime is passed on when the block ends. Kineto reads its log level once per
+    process, so this is done per block rather than through ``KINETO_LOG_LEVEL``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True)
+                    if not _PROFILER_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def release_memory(device: torch.device) -> None:
@@ -285,6 +322,7 @@ def measure(result: Result, fn: Callable[[], Any], device: torch.device,
         return result
     result.median_ms = timing.median_ms
     result.min_ms = timing.min_ms
+    result.max_ms = timing.max_ms
     result.reps = timing.reps
     result.first_call_s = timing.first_call_s
     return result
@@ -333,6 +371,16 @@ def kernel_configs() -> dict[str, Any]:
             name = str(dtype).removeprefix("torch.")
             configs[f"{pass_}:{name}"] = "x".join(map(str, pick_config(151936, dtype, pass_)))
     return configs
+
+
+def busy_machine_warning(load_average: float | None, cores: int | None) -> str | None:
+    """A warning when the 1-minute load average exceeds the number of cores: other processes
+    then compete for the CPU, and CPU timings (and host-side launch times on a GPU) are
+    inflated and spread out; None otherwise."""
+    if load_average is None or not cores or load_average <= cores:
+        return None
+    return (f"busy machine: load average {load_average:.2f} above its {cores} cores; "
+            f"timings are inflated and spread out (compare min with max)")
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -11,7 +11,7 @@ under ``--smoke`` in the interpreter):
                 in Triton, only over the bits of the dtype: 2 or 4 passes for bf16)
   top-p         ... top_p=0.9 (a row-max pass, then the mass passes)
   top-k+top-p   ... top_k=50, top_p=0.9 (both searches)
-The ratio column is the case's time over plain's (same impl, mode, shape).
+The "vs plain" column is the case's time and memory over plain's (same impl, mode, shape).
 
 Shapes: V = 151936 (Qwen), bf16; N = 64 on CPU (16 with --quick), 4096 on CUDA.
 ``python -m benchmarks.replay [--quick] [--device cpu|cuda]`` prints the table alone.
@@ -19,6 +19,7 @@ Shapes: V = 151936 (Qwen), bf16; N = 64 on CPU (16 with --quick), 4096 on CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -112,22 +113,6 @@ def run(device: torch.device, config: TimingConfig, results: list[Result], *, qu
     release_memory(device)
 
 
-def table(results: list[Result]) -> str:
-    """Markdown: one row per case, time and the ratio to plain of the same impl and mode."""
-    by_key = {(r.name, r.mode): r for r in results if r.suite == "replay"}
-    lines = ["| impl/case | mode | N × V | median ms | × plain | peak MB | note |",
-             "|---|---|---|---|---|---|---|"]
-    for (name, mode), r in by_key.items():
-        base = by_key.get((r.baseline, mode)) if r.baseline else None
-        ratio = (f"{r.median_ms / base.median_ms:.2f}" if base and r.median_ms
-                 and base.median_ms else "")
-        ms = f"{r.median_ms:.2f}" if r.median_ms else r.status
-        peak = f"{r.extra_peak_mb:.1f}" if r.extra_peak_mb is not None else ""
-        lines.append(f"| {name} | {mode} | {r.shape[0]} × {r.shape[1]} | {ms} | {ratio} | "
-                     f"{peak} | {r.note} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m benchmarks.replay")
@@ -138,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     run(device, TimingConfig.for_device(device, args.quick), results, quick=args.quick,
         smoke=False)
-    print(table(results))
+    from benchmarks import report
+    print(report.replay_table({"results": [dataclasses.asdict(r) for r in results]}))
     return 0
 
 

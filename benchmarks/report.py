@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks.common import MEMORY_DEFINITION, Result, log
+from benchmarks.common import MEMORY_DEFINITION, Result, busy_machine_warning, log
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -48,6 +48,14 @@ def _ms(value: float | None) -> str:
     if value is None:
         return ""
     return _num(value, 3 if value < 100 else 1)
+
+
+def _spread(row: dict[str, Any]) -> str:
+    """'min–max' ms of the repetitions (blank for rows without timing or older results)."""
+    low, high = row.get("min_ms"), row.get("max_ms")
+    if low is None or high is None or row["status"] != "ok":
+        return ""
+    return f"{_ms(low)}–{_ms(high)}"
 
 
 def _sci(value: float | None) -> str:
@@ -113,13 +121,20 @@ def header(doc: dict[str, Any]) -> str:
              f"triton {meta['triton']}", f"date {meta['date']}"]
     if copy:
         parts.append(f"copy bandwidth {copy:,.0f} GB/s (read + written)")
-    if meta.get("device") == "cpu" and meta.get("load_average_1m_at_start") is not None:
+    if meta.get("load_average_1m_at_start") is not None:
         parts.append(f"{meta.get('cpu_count')} CPU cores, load average "
                      f"{meta.get('load_average_1m_at_start')} at start, "
                      f"{meta.get('load_average_1m_at_end')} at end")
-    text = "; ".join(parts) + f"\n\n{meta.get('memory_definition', MEMORY_DEFINITION)} " \
-        f"({meta['memory_method']}). \"vs baseline\": time and peak memory over the " \
-        "baseline row's at the same shape, dtype and mode (below 1 is better)."
+    text = "; ".join(parts)
+    busy = [warning for warning in (
+        busy_machine_warning(meta.get(key), meta.get("cpu_count"))
+        for key in ("load_average_1m_at_start", "load_average_1m_at_end")) if warning]
+    if busy:
+        text += f"\n\n**Warning: {busy[-1]}.**"
+    text += f"\n\n{meta.get('memory_definition', MEMORY_DEFINITION)} " \
+        f"({meta['memory_method']}). Times: the median of the timed repetitions (\"reps\"), " \
+        "with their minimum and maximum (\"min–max\"). \"vs baseline\": time and peak " \
+        "memory over the baseline row's at the same shape, dtype and mode (below 1 is better)."
     configs = meta.get("kernel_configs") or {}
     if meta.get("device", "").startswith("cuda") and "forward:bfloat16" in configs:
         text += ("\n\nKernel configurations (block × warps × stages, V = 151936): "
@@ -136,21 +151,22 @@ def header(doc: dict[str, Any]) -> str:
 
 
 def trainer_table(doc: dict[str, Any]) -> str:
-    headers = ["op", "mode", "B", "L", "median ms", "reps", "peak MB", "vs baseline",
+    headers = ["op", "mode", "B", "L", "median ms", "min–max", "reps", "peak MB", "vs baseline",
                "baseline", "note"]
     rows = [[r["name"], r["mode"], str(r["shape"][0]), str(r["shape"][1]), _ms(r["median_ms"]),
-             str(r["reps"] or ""), _num(r["extra_peak_mb"], 1), vs_baseline(doc, r),
+             _spread(r), str(r["reps"] or ""), _num(r["extra_peak_mb"], 1), vs_baseline(doc, r),
              r.get("baseline") or "", _status(r)]
             for r in _rows(doc, "trainer")]
     return table(headers, rows)
 
 
 def logprob_table(doc: dict[str, Any]) -> str:
-    headers = ["impl", "dtype", "N", "V", "mode", "median ms", "GB/s", "% of copy BW",
-               "peak MB", "vs torch-eager", "note"]
+    headers = ["impl", "dtype", "N", "V", "mode", "median ms", "min–max", "reps", "GB/s",
+               "% of copy BW", "peak MB", "vs torch-eager", "note"]
     rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), r["mode"],
-             _ms(r["median_ms"]), _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1),
-             _num(r["extra_peak_mb"], 1), vs_baseline(doc, r), _status(r)]
+             _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1),
+             _num(r["pct_copy_bw"], 1), _num(r["extra_peak_mb"], 1), vs_baseline(doc, r),
+             _status(r)]
             for r in _rows(doc, "logprob")]
     return table(headers, rows)
 
@@ -158,13 +174,15 @@ def logprob_table(doc: dict[str, Any]) -> str:
 def linear_table(doc: dict[str, Any]) -> str:
     rows_in = _rows(doc, "linear")
     with_matmul = any(r["name"] == "matmul" for r in rows_in)
-    headers = ["impl", "dtype", "N", "D", "V", "mode", "median ms", "peak MB", "vs unfused"]
+    headers = ["impl", "dtype", "N", "D", "V", "mode", "median ms", "min–max", "reps", "peak MB",
+               "vs unfused"]
     headers += ["time / matmul alone"] if with_matmul else []
     headers += ["note"]
     rows = []
     for r in rows_in:
         row = [r["name"], r["dtype"], *(str(x) for x in r["shape"]), r["mode"],
-               _ms(r["median_ms"]), _num(r["extra_peak_mb"], 1), vs_baseline(doc, r)]
+               _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""),
+               _num(r["extra_peak_mb"], 1), vs_baseline(doc, r)]
         if with_matmul:
             base = baseline_row(doc, r, "matmul") if r["name"] != "matmul" else None
             row.append(_ratio(r["median_ms"], base["median_ms"])
@@ -181,12 +199,27 @@ def distributed_table(doc: dict[str, Any]) -> str:
 
 
 def sampler_table(doc: dict[str, Any]) -> str:
-    headers = ["impl", "dtype", "B", "V", "median ms", "GB/s", "% of copy BW", "peak MB",
-               "vs torch-eager", "note"]
+    headers = ["impl", "dtype", "B", "V", "median ms", "min–max", "reps", "GB/s", "% of copy BW",
+               "peak MB", "vs torch-eager", "note"]
     rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), _ms(r["median_ms"]),
-             _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1), _num(r["extra_peak_mb"], 1),
-             vs_baseline(doc, r), _status(r)] for r in _rows(doc, "sampler")]
+             _spread(r), str(r["reps"] or ""), _num(r["gbps"], 1), _num(r["pct_copy_bw"], 1),
+             _num(r["extra_peak_mb"], 1), vs_baseline(doc, r), _status(r)]
+            for r in _rows(doc, "sampler")]
     return table(headers, rows)
+
+
+def replay_table(doc: dict[str, Any]) -> str:
+    """Sampling replay: each case against the plain op of the same impl, mode and shape."""
+    headers = ["impl/case", "dtype", "N", "V", "mode", "median ms", "min–max", "reps",
+               "peak MB", "vs plain", "note"]
+    rows = [[r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]), r["mode"],
+             _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""), _num(r["extra_peak_mb"], 1),
+             vs_baseline(doc, r), _status(r)] for r in _rows(doc, "replay")]
+    return table(headers, rows)
+
+
+REPLAY_TITLE = ("Sampling replay: log-prob + entropy under the truncated distribution "
+                "(kept sets, top-k, top-p) against the plain op")
 
 
 def accuracy_table(doc: dict[str, Any]) -> str:
@@ -222,6 +255,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if _rows(doc, "sampler"):
         sections += ["## Adaptive-temperature sampling (GB/s: two reads of the logits)",
                      sampler_table(doc)]
+    if _rows(doc, "replay"):
+        sections += [f"## {REPLAY_TITLE}", replay_table(doc)]
     if doc["entropy_accuracy"]:
         sections += ["## Entropy accuracy on near-deterministic rows "
                      "(top logit `gap` above the rest, against float64)", accuracy_table(doc)]
@@ -337,7 +372,8 @@ def readme_section(doc: dict[str, Any]) -> str:
             ("trainer", "### Trainer-side ops (one RL step)", trainer_table),
             ("linear", "### Fused LM head + log-prob + entropy", linear_table),
             ("sampler", "### Adaptive-temperature sampling (GB/s: two reads of the logits)",
-             sampler_table)):
+             sampler_table),
+            ("replay", f"### {REPLAY_TITLE}", replay_table)):
         rows = _rows(doc, suite)
         if suite == "linear" and meta["device"].startswith("cuda"):
             rows = [r for r in rows if r["dtype"] == "bfloat16" and r["shape"][0] == 16384

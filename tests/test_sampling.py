@@ -341,7 +341,9 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         adaptive_temperature_sample(logits, stats, **args)
 
 
-@pytest.mark.skipif(HAS_CUDA or (HAS_TRITON and INTERPRETING), reason="CPU without interpreter")
+@pytest.mark.skipif(HAS_CUDA or (HAS_TRITON and INTERPRETING),
+                    reason="needs a machine with no GPU and no Triton interpreter (here "
+                           "impl='triton' runs, on a GPU or in the interpreter)")
 def test_triton_on_cpu_without_interpreter_is_refused():
     with pytest.raises(ValueError, match="impl='triton'"):
         adaptive_temperature_sample(torch.zeros(2, 4), None, seed=0, impl="triton")

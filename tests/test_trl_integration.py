@@ -4,6 +4,7 @@ tiny randomly initialised Qwen2 model with an offline character tokenizer, on CP
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ tokenizers = pytest.importorskip("tokenizers")
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import hapo_ops  # noqa: E402
-from hapo_ops.integrations.trl import HAPOGRPOConfig, HAPOGRPOTrainer  # noqa: E402
+from hapo_ops.integrations.trl import (HAPOGRPOConfig, HAPOGRPOTrainer,  # noqa: E402
+                                       SUPPORTED_LOSS_TYPES)
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 CHARS = "abcdefgh "
 
@@ -183,3 +186,199 @@ def test_unsupported_options_raise(tmp_path):
     with pytest.raises(ValueError, match="hapo_variant"):
         HAPOGRPOConfig(output_dir=str(tmp_path), hapo_variant="x", report_to="none",
                        use_cpu=True)
+
+
+# --------------------------------------------------------------------------- HAPO switched off
+
+
+def _base_args(tmp_path, **overrides) -> dict:
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=5, gradient_accumulation_steps=2, report_to="none",
+                use_cpu=True, bf16=False, seed=0, save_strategy="no", temperature=1.0,
+                top_k=0, top_p=1.0, epsilon=0.2, epsilon_high=0.28, disable_tqdm=True,
+                dataloader_num_workers=0)
+    args.update(overrides)
+    return args
+
+
+def _prepared_batch(trainer, seed: int = 1) -> dict:
+    """A batch as TRL's ``_prepare_inputs`` hands it to ``compute_loss``: 4 responses, a
+    left-padded prompt, completions of 5, 3, 0 and 1 tokens, advantages per response, and
+    old / reference log-probs off the current ones so that some ratios leave the clip band."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(2, vocab, (4, 3), generator=gen)
+    prompt_mask = torch.ones(4, 3, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    completion_ids = torch.randint(2, vocab, (4, 5), generator=gen)
+    completion_mask = (torch.arange(5) < torch.tensor([5, 3, 0, 1])[:, None]).long()
+    with torch.no_grad():
+        logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1), 5)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "advantages": torch.randn(4, generator=gen),
+            "old_per_token_logps": logps + 0.3 * torch.randn(4, 5, generator=gen),
+            "ref_per_token_logps": logps + 0.2 * torch.randn(4, 5, generator=gen),
+            # the generation batch's token count (both micro-batches of the window)
+            "num_items_in_batch": completion_mask.sum() * 2 + 3}
+
+
+@pytest.mark.parametrize("kl_beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_hapo_switched_off_is_trl_grpo(tmp_path, loss_type, kl_beta):
+    """With α = β = 0, no dual clip, GRPO advantages and fixed temperature, the HAPO trainer's
+    loss and gradients are TRL's own GRPOTrainer's on the same batch, for each loss_type, in
+    training (an accumulation window of 2 micro-batches) and in evaluation."""
+    tokenizer = _tokenizer()
+    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c"] * 4})
+    common = _base_args(tmp_path, loss_type=loss_type, beta=0.0)
+    trl_trainer = GRPOTrainer(model=_model(tokenizer), reward_funcs=count_a,
+                              args=GRPOConfig(**common), train_dataset=dataset,
+                              processing_class=tokenizer)
+    hapo_trainer = HAPOGRPOTrainer(
+        model=_model(tokenizer), reward_funcs=count_a, train_dataset=dataset,
+        processing_class=tokenizer,
+        args=HAPOGRPOConfig(**common, hapo_alpha=0.0, hapo_beta=0.0, hapo_dual_clip=None,
+                            hapo_token_level_advantages=False,
+                            hapo_adaptive_temperature=False))
+    for trainer in (trl_trainer, hapo_trainer):
+        # With beta != 0 at construction GRPOTrainer loads a reference model by its hub name,
+        # which a random model has not; the loss itself reads only self.beta and the batch's
+        # ref_per_token_logps, so the KL coefficient is set after construction.
+        trainer.beta = kl_beta
+    inputs = _prepared_batch(trl_trainer)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = trl_trainer._get_per_token_logps_and_entropies(
+            trl_trainer.model, input_ids, attention_mask, 5)
+    ratio = torch.exp(logps - inputs["old_per_token_logps"])[inputs["completion_mask"].bool()]
+    # some ratios inside the clip band (0.8, 1.28), some outside
+    assert ((ratio < 0.8) | (ratio > 1.28)).any() and ((ratio > 0.8) & (ratio < 1.28)).any()
+    for mode in ("train", "eval"):
+        losses, grads = [], []
+        for trainer in (trl_trainer, hapo_trainer):
+            trainer.model.train(mode == "train")
+            # set by the training loop: the number of micro-batches of this optimizer step
+            trainer.current_gradient_accumulation_steps = 2
+            trainer.model.zero_grad(set_to_none=True)
+            loss = trainer.compute_loss(trainer.model, dict(inputs))
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                          if p.grad is not None})
+        assert torch.isfinite(losses[0]) and losses[0] != 0
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name, grad in grads[0].items():
+            # float32 sums in another order: a few ulps of the tensor's largest entry
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-4,
+                                       atol=1e-5 * grad.abs().max().item(),
+                                       msg=lambda text, name=name: f"{name}: {text}")
+
+
+# --------------------------------------------------------------------------- models and processes
+
+
+class FullLogitsQwen2(Qwen2ForCausalLM):
+    """A causal LM whose forward has no ``logits_to_keep`` argument (as TrOCR's, Whisper's or
+    xLSTM's in transformers 5, and many remote-code models): it returns the logits of every
+    position and rejects the argument the way Python rejects an unknown keyword."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, **kwargs):
+        if "logits_to_keep" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, past_key_values=past_key_values,
+                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               **kwargs)
+
+
+def test_model_without_logits_to_keep_trains_and_scores_the_completion(tmp_path):
+    tokenizer = _tokenizer()
+    reference = _model(tokenizer)
+    model = FullLogitsQwen2(reference.config)
+    model.load_state_dict(reference.state_dict())
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c", "hh", "cafe"] * 2})
+    args = HAPOGRPOConfig(**_base_args(tmp_path, max_steps=2, gradient_accumulation_steps=1,
+                                       learning_rate=1e-2, logging_steps=1, hapo_tau=0.3,
+                                       beta=0.0))
+    trainer = HAPOGRPOTrainer(model=model, reward_funcs=count_a, args=args,
+                              train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+
+    # the log-probs at per-token temperatures are those of the completion's positions
+    inputs = _prepared_batch(trainer, seed=3)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    temperature = 0.7 + 0.6 * torch.rand(4, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logps, entropy, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, 5, compute_entropy=True,
+            hapo_temperature=temperature)
+        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    scores = logits[:, -6:-1].double()  # position t scores token t + 1
+    expected = (scores / temperature[..., None].double()).log_softmax(-1).gather(
+        -1, inputs["completion_ids"][..., None]).squeeze(-1)
+    valid = attention_mask[:, -5:].bool()
+    torch.testing.assert_close(logps[valid].double(), expected[valid], rtol=1e-5, atol=1e-6)
+    assert (logps[~valid] == 0).all()
+    probs = scores.softmax(-1)
+    torch.testing.assert_close(entropy.double(), -(probs * probs.log()).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _loss_entropy_stats_on_rank(rank, world, output_dir):
+    """On one rank of the gloo pool: a HAPOGRPOTrainer's loss on a micro-batch of this rank's
+    own; returns the pivot the loss logged and the micro-batch's T = 1 entropies."""
+    # What a launcher (torchrun, accelerate launch) sets: accelerate then joins the gloo group
+    # this process already belongs to instead of starting one.
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+           "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    from accelerate.state import AcceleratorState
+    try:
+        tokenizer = _tokenizer()
+        dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c"] * 8})
+        args = HAPOGRPOConfig(**_base_args(f"{output_dir}/rank{rank}"))
+        trainer = HAPOGRPOTrainer(model=_model(tokenizer), reward_funcs=count_a, args=args,
+                                  train_dataset=dataset, processing_class=tokenizer)
+        assert trainer.accelerator.num_processes == world
+        trainer.current_gradient_accumulation_steps = 2  # set by the training loop
+        inputs = _prepared_batch(trainer, seed=10 + rank)
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, dict(inputs))
+            _, entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 5,
+                compute_entropy=True)
+        return (trainer._metrics["train"]["hapo/pivot"][-1],
+                entropy[inputs["completion_mask"].bool()])
+    finally:  # leave the pool's process as it was for the next test
+        AcceleratorState._reset_state(reset_partial_state=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_loss_entropy_statistics_are_pooled_over_processes(tmp_path):
+    """Two processes with different micro-batches use the same ĥ statistics in the loss:
+    those of both micro-batches together (as the sampler's), not each its own."""
+    harness = pytest.importorskip("distributed_harness")
+    results = harness.run_ranks(_loss_entropy_stats_on_rank, 2, str(tmp_path))
+    values = torch.cat([entropy for _, entropy in results])
+    pooled = hapo_ops.entropy_stats(values, torch.ones_like(values, dtype=torch.bool))
+    local = [hapo_ops.entropy_stats(e, torch.ones_like(e, dtype=torch.bool)).pivot.item()
+             for _, e in results]
+    assert local[0] != local[1]  # the ranks' own statistics differ here
+    for logged_pivot, _ in results:
+        assert logged_pivot == pytest.approx(pooled.pivot.item(), rel=1e-6)

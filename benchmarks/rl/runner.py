@@ -117,5 +117,7 @@ def run(*, quick: bool = False, seeds: int | None = None, out: str | None = None
     if out:
         for path in report.write(doc, text, out):
             log(f"wrote {path}")
+    else:
+        log("results not saved (no --out DIR): the report above is the only copy")
     log(f"rl done in {meta['wall_s']} s")
     return 0

@@ -97,6 +97,9 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value  # type: ignore[return-value]
 
 
+# The two HAPO variants every op and integration accepts as ``variant=`` / ``hapo_variant=``:
+# the paper's formulas, or those of the public reference code (README, "Paper and released
+# variants"). The one spelling of the tuple; integrations import it from here.
 VARIANTS = ("paper", "released")
 
 

@@ -20,7 +20,9 @@ What the trainer changes, each switchable in the config:
 - the HAPO loss: ``hapo_ops.hapo_policy_loss`` with ``epsilon`` / ``epsilon_high`` as base
   clip bounds, ``hapo_alpha``, ``hapo_beta``, ``hapo_quantile``, dual clip
   ``hapo_dual_clip``, aggregated as TRL's ``loss_type`` does ("dapo", "grpo", "bnpo",
-  "dr_grpo").
+  "dr_grpo"). ĥ's entropy statistics are those of the micro-batch pooled over every
+  process (``entropy_stats(..., group=)``), so every rank uses the same ĥ, as the sampler
+  does.
 
 Logged: ``hapo/clip_frac_low``, ``hapo/clip_frac_high``, ``hapo/dual_clip_frac``,
 ``hapo/approx_kl``, ``hapo/h_hat_mean``, ``hapo/pivot`` (loss), ``hapo/temperature_min``,
@@ -31,13 +33,14 @@ Logged: ``hapo/clip_frac_low``, ``hapo/clip_frac_high``, ``hapo/dual_clip_frac``
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import hapo_ops
-from hapo_ops._utils.validation import check_choice, check_float
+from hapo_ops._utils.validation import VARIANTS, check_choice, check_float
 
 try:
     from transformers import LogitsProcessorList
@@ -79,7 +82,7 @@ class HAPOGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
+        check_choice("hapo_variant", self.hapo_variant, VARIANTS)
         check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False,
                     max_value=1.0, max_inclusive=False)
         check_float("hapo_alpha", self.hapo_alpha)
@@ -146,14 +149,20 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self._hapo_entropy_buffer:
             values = torch.cat(self._hapo_entropy_buffer)
             self._hapo_entropy_buffer = []
-            group = None
-            if (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and self.accelerator.num_processes > 1):
-                group = torch.distributed.group.WORLD
-            self._hapo_stats = hapo_ops.entropy_stats(
-                values, torch.ones_like(values, dtype=torch.bool),
-                quantile=self.args.hapo_quantile, group=group)
+            self._hapo_stats = self._pooled_entropy_stats(
+                values, torch.ones_like(values, dtype=torch.bool))
         return self._hapo_stats
+
+    def _pooled_entropy_stats(self, entropies: torch.Tensor,
+                              valid: torch.Tensor) -> hapo_ops.EntropyStats:
+        """``entropy_stats`` of the valid entropies of every process (the same on each): the
+        loss and the sampler both use these, so ĥ does not depend on the rank."""
+        group = None
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and self.accelerator.num_processes > 1):
+            group = torch.distributed.group.WORLD
+        return hapo_ops.entropy_stats(entropies, valid, quantile=self.args.hapo_quantile,
+                                      group=group)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                               has_tool_images=False):
@@ -274,7 +283,13 @@ class HAPOGRPOTrainer(GRPOTrainer):
         log-probs at the recorded per-token temperature and the T = 1 entropies.
 
         ``hapo_temperature``: (B, logits_to_keep); defaults to the temperatures recorded by
-        the rollout being scored (TRL's own calls for the old and reference log-probs)."""
+        the rollout being scored (TRL's own calls for the old and reference log-probs).
+
+        Without temperatures this is TRL's own method (its fused LM head). With them, the
+        logits come from the model's own forward (so its logit scaling and soft-capping
+        apply), asked for the last ``logits_to_keep + 1`` positions only when the forward
+        takes ``logits_to_keep``, and cut as TRL scores them: position t scores token t + 1,
+        and the last ``logits_to_keep`` positions are the completion's."""
         temperature = hapo_temperature
         if temperature is None and self.args.hapo_adaptive_temperature:
             temperature = self._hapo_rollout_temperature
@@ -288,14 +303,18 @@ class HAPOGRPOTrainer(GRPOTrainer):
             raise ValueError("HAPOGRPOTrainer's adaptive temperature supports text-only, "
                              "dense models")
         batch_size = batch_size or input_ids.size(0)
+        keep_only_completion = _forward_takes_logits_to_keep(self.accelerator.unwrap_model(model))
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
             ids, am = input_ids[start:end], attention_mask[start:end]
+            model_inputs = {"input_ids": ids, "attention_mask": am, "use_cache": False}
+            if keep_only_completion:
+                model_inputs["logits_to_keep"] = logits_to_keep + 1
             with self.accelerator.autocast():
-                logits = model(input_ids=ids, attention_mask=am, use_cache=False,
-                               logits_to_keep=logits_to_keep + 1).logits
-            logits = logits[:, :-1, :]  # position t scores token t + 1
+                logits = model(**model_inputs).logits
+            # position t scores token t + 1; the last logits_to_keep positions are the completion's
+            logits = logits[:, :-1, :][:, -logits_to_keep:, :]
             labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
             logps, _ = hapo_ops.logprobs_and_entropy(
                 logits, labels, temperature=temperature[start:end].to(logits.device))
@@ -330,7 +349,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         entropies = entropies.detach()
-        stats = hapo_ops.entropy_stats(entropies, valid, quantile=args.hapo_quantile)
+        stats = self._pooled_entropy_stats(entropies, valid)
         if mode == "train":
             self._hapo_entropy_buffer.append(entropies[valid].float())
         agg, agg_kwargs, accumulation = self._aggregation(inputs, mask, mode)
@@ -391,10 +410,17 @@ class HAPOGRPOTrainer(GRPOTrainer):
         }
         for name, value in metrics.items():
             self._metrics[mode][name].append(global_mean(value, count))
-        self._metrics[mode]["hapo/pivot"].append(
-            self.accelerator.gather(stats.pivot.reshape(1)).mean().item())
+        self._metrics[mode]["hapo/pivot"].append(stats.pivot.item())  # the same on every rank
         if per_token_kl is not None:
             self._metrics[mode]["kl"].append(global_mean((per_token_kl.detach() * valid).sum(), count))
+
+
+def _forward_takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` (the base model's under PEFT) has a ``logits_to_keep``
+    argument; models without it return the logits of every position."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 __all__ = ["HAPOGRPOConfig", "HAPOGRPOTrainer", "SUPPORTED_LOSS_TYPES"]
