@@ -4,6 +4,7 @@ engine, batch bookkeeping and sampler on CPU with a tiny random Llama."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -528,3 +529,128 @@ def test_validate_params_refusals():
                 extra_args={"hapo": {**extra["hapo"], "variant": "x"}}))
         with pytest.raises(ValueError, match=r'extra_args\["hapo"\] is a str but not valid JSON'):
             cls.validate_params(vllm.SamplingParams(extra_args={"hapo": "{tau"}))
+
+
+# ---------------------------------------------------------------- TRL's vLLM colocate mode
+
+CHARS = "abcdefgh "
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   padding_side="left")
+
+
+def _count_a(completions, **kwargs):
+    return [float(c.count("a")) - 0.3 * len(c) for c in completions]
+
+
+def test_trl_colocate_trains_with_adaptive_temperature(tmp_path, monkeypatch):
+    """HAPOGRPOTrainer(use_vllm=True, vllm_mode="colocate") on CPU: the trainer registers the
+    processor in TRL's LLM and sends the step's statistics; the per-token temperatures it
+    recomputes vary, the old log-probs at them match vLLM's behaviour log-probs, so TRL's
+    importance-sampling ratios stay at 1 (at T_base they would not)."""
+    _vllm()
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import transformers
+
+    from trl.generation import vllm_generation
+
+    from hapo_ops.integrations.trl import HAPOGRPOConfig, HAPOGRPOTrainer
+
+    # Test-only: TRL builds LLM(...) without a dtype, and vLLM then runs a float32
+    # checkpoint in 16 bits; this test checks the exact path, so the engine runs in float32
+    # (a bf16 engine's log-probs differ by up to ~0.1 here: benchmarks/vllm_processor.py).
+    vllm = _vllm()
+    monkeypatch.setattr(vllm_generation, "LLM", functools.partial(
+        vllm.LLM, dtype="float32", enforce_eager=True))
+    tokenizer = _char_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model_dir = str(tmp_path / "model")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir)  # name_or_path for TRL
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+
+    class Trainer(HAPOGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rollouts = []
+            generation = self.vllm_generation
+
+            def sync_weights():
+                # Test-only CPU workaround: vLLM's CPU backend repacks linear weights after
+                # loading, so TRL's per-parameter load_weights cannot reach them
+                # ("'Parameter' object has no attribute 'weight_loader'"); vLLM's own
+                # in-place reload (used by its RL weight updates) works.
+                weights = [(n, p.detach().clone()) for n, p in self.model.named_parameters()]
+                generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+                generation.llm.reset_prefix_cache()
+
+            generation.sync_weights = sync_weights
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            self.rollouts.append({k: v.detach().clone() for k, v in output.items()
+                                  if isinstance(v, torch.Tensor)}
+                                 | {"stats": self._hapo_sampling_stats})
+            return output
+
+    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c", "hh", "cafe"] * 3})
+    args = HAPOGRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        report_to="none", use_cpu=True, bf16=False, seed=0, save_strategy="no", hapo_tau=0.5,
+        temperature=0.9, top_k=0, top_p=1.0, beta=0.0, dataloader_num_workers=0,
+        disable_tqdm=True, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64,
+        vllm_importance_sampling_mode="token_truncate")
+    trainer = Trainer(model=model, reward_funcs=_count_a, args=args, train_dataset=dataset,
+                      processing_class=tokenizer)
+    try:
+        trainer.train()
+        with_stats = [r for r in trainer.rollouts if r["stats"] is not None]
+        assert len(trainer.rollouts) == 3 and len(with_stats) >= 2
+        for rollout in trainer.rollouts:
+            mask = rollout["completion_mask"].bool()
+            temperature = rollout["hapo_temperature"][mask]
+            gap = (rollout["old_per_token_logps"] - rollout["sampling_per_token_logps"])[mask]
+            assert gap.abs().max() < 1e-4  # behaviour log-probs at the recomputed T_t
+            ratio = rollout["importance_sampling_ratio"][mask]
+            assert (ratio - 1).abs().max() < 1e-4
+            if rollout["stats"] is None:  # first step: T_base for every token
+                torch.testing.assert_close(temperature, torch.full_like(temperature, 0.9))
+            else:
+                assert temperature.std() > 0.02 and temperature.max() - temperature.min() > 0.05
+        # the check can fail: at T_base the same tokens' log-probs are far from vLLM's
+        rollout = with_stats[-1]
+        mask = rollout["completion_mask"].bool()
+        ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
+        attention = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+        with torch.no_grad():
+            at_base, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, attention, rollout["completion_ids"].shape[1],
+                hapo_temperature=torch.full_like(rollout["hapo_temperature"], 0.9))
+        # (the model has since been trained, but only a little: the T gap dominates)
+        assert (at_base - rollout["sampling_per_token_logps"])[mask].abs().max() > 1e-2
+        logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+        assert math.isfinite(logged["loss"])
+        assert abs(logged["sampling/importance_sampling_ratio/max"] - 1) < 1e-4
+    finally:
+        llm = trainer.vllm_generation.llm
+        del trainer
+        _release(llm)
