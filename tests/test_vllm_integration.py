@@ -509,6 +509,25 @@ def test_mrv2_processor_through_its_interface_objects():
             ["hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor"])
 
 
+def test_openai_server_request_carries_the_arguments():
+    """What a TRL client in server mode (or any OpenAI client) sends: vLLM's own request model
+    turns ``vllm_xargs`` into the request's extra_args, which the processor accepts; the
+    nested dict form is refused by that model, hence the JSON string."""
+    _vllm()
+    import pydantic
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from hapo_ops.integrations.vllm import check_sampling_params
+
+    stats = _stats(8)
+    body = {"model": "m", "prompt": [1, 2, 3], "temperature": 1.0, "logprobs": 0,
+            "vllm_xargs": sampling_vllm_xargs(stats, tau=0.2)}
+    params = CompletionRequest(**json.loads(json.dumps(body))).to_sampling_params(8)
+    assert check_sampling_params(params) == parse_sampling_args(sampling_extra_args(stats, tau=0.2))
+    with pytest.raises(pydantic.ValidationError):
+        CompletionRequest(**{**body, "vllm_xargs": sampling_extra_args(stats)})
+
+
 def test_validate_params_refusals():
     vllm = _vllm()
     from hapo_ops.integrations.vllm import (AdaptiveTemperatureLogitsProcessor,
