@@ -571,6 +571,16 @@ def _count_a(completions, **kwargs):
     return [float(c.count("a")) - 0.3 * len(c) for c in completions]
 
 
+def test_trl_config_refuses_min_p_with_vllm_adaptive_temperature(tmp_path):
+    pytest.importorskip("trl")
+    from hapo_ops.integrations.trl import HAPOGRPOConfig
+
+    with pytest.raises(ValueError, match="min_p must be 0 with use_vllm"):
+        HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True)
+    HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True,
+                   hapo_adaptive_temperature=False)
+
+
 def test_trl_colocate_trains_with_adaptive_temperature(tmp_path, monkeypatch):
     """HAPOGRPOTrainer(use_vllm=True, vllm_mode="colocate") on CPU: the trainer registers the
     processor in TRL's LLM and sends the step's statistics; the per-token temperatures it

@@ -106,6 +106,10 @@ class HAPOGRPOConfig(GRPOConfig):
             check_float("hapo_dual_clip", self.hapo_dual_clip, min_value=1.0, min_inclusive=False)
         check_float("hapo_fallback_threshold", self.hapo_fallback_threshold, min_value=0.0,
                     min_inclusive=False)
+        if self.use_vllm and self.hapo_adaptive_temperature and (self.min_p or 0.0) > 0.0:
+            raise ValueError(f"min_p must be 0 with use_vllm and hapo_adaptive_temperature (vLLM "
+                             f"computes min-p's threshold before the adaptive temperature), "
+                             f"got {self.min_p}")
 
 
 class HAPOGRPOTrainer(GRPOTrainer):
@@ -115,8 +119,9 @@ class HAPOGRPOTrainer(GRPOTrainer):
     construction): ``loss_type`` other than dapo/grpo/bnpo/dr_grpo, sequence-level
     importance sampling, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, an
     entropy bonus; with ``hapo_adaptive_temperature``, also transformers' continuous
-    batching, tools and ``rollout_func`` (none of them reports per-token temperatures), and
-    ``min_p > 0`` with vLLM (vLLM applies min-p before the adaptive temperature).
+    batching, tools and ``rollout_func`` (none of them reports per-token temperatures).
+    ``HAPOGRPOConfig`` refuses ``min_p > 0`` with vLLM and adaptive temperature (vLLM applies
+    min-p before the processor).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -148,9 +153,6 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_enabled:
             problems.append("an entropy bonus (entropy_coef / adaptive entropy)")
         if args.hapo_adaptive_temperature:
-            if self.use_vllm and (args.min_p or 0.0) > 0.0:
-                problems.append("min_p > 0 with use_vllm and hapo_adaptive_temperature (vLLM "
-                                "computes min-p's threshold before the adaptive temperature)")
             if self.use_transformers_continuous_batching:
                 problems.append("transformers continuous batching with hapo_adaptive_temperature")
             if self.tools or self.rollout_func is not None:
