@@ -14,6 +14,17 @@ What the trainer changes, each switchable in the config:
   travels with the batch; the behaviour (old), reference and current log-probs are all
   computed at it (``hapo_ops.logprobs_and_entropy(logits, labels, temperature=T)``), and the
   entropy that drives ĥ is the raw (T = 1) one, like the sampler's.
+  With ``use_vllm=True`` the sampling runs in vLLM through
+  :class:`~hapo_ops.integrations.vllm.AdaptiveTemperatureLogitsProcessor`: in colocate mode
+  the trainer registers it in the ``LLM`` that TRL builds; in server mode start the server
+  with ``--logits-processors hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor``.
+  Each generation sends the statistics in every request's ``extra_args`` (server:
+  ``vllm_xargs``) and vLLM's own temperature is set to 1. vLLM does not report T_t, so the
+  trainer recomputes it from its own T = 1 logits of the sampled sequences with the same
+  statistics (one no-grad forward per generation batch); the old, reference and current
+  log-probs are then taken at it, and vLLM's processed log-probs (the behaviour log-probs
+  at T_t) feed TRL's vLLM importance-sampling correction, whose ratios are then 1 up to
+  the engine-vs-trainer logits mismatch.
 - token-level group-average advantages (``hapo_token_level_advantages``):
   ``hapo_ops.token_level_group_advantages`` over the generation batch (all processes),
   instead of GRPO's per-sequence ones.
@@ -32,6 +43,7 @@ Logged: ``hapo/clip_frac_low``, ``hapo/clip_frac_high``, ``hapo/dual_clip_frac``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
@@ -49,6 +61,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("hapo_ops.integrations.trl needs trl: pip install 'hapo-ops[trl]'") from exc
 
 from hapo_ops.integrations.transformers import AdaptiveTemperatureLogitsProcessor
+from hapo_ops.integrations.vllm import sampling_extra_args, sampling_vllm_xargs
+
+#: What a TRL vLLM server must be started with for ``use_vllm=True, vllm_mode="server"``
+#: (``trl vllm-serve --model ... --logits-processors <this>``, or ``vllm serve``).
+VLLM_LOGITS_PROCESSOR = "hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor"
 
 SUPPORTED_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
@@ -92,6 +109,10 @@ class HAPOGRPOConfig(GRPOConfig):
             check_float("hapo_dual_clip", self.hapo_dual_clip, min_value=1.0, min_inclusive=False)
         check_float("hapo_fallback_threshold", self.hapo_fallback_threshold, min_value=0.0,
                     min_inclusive=False)
+        if self.use_vllm and self.hapo_adaptive_temperature and (self.min_p or 0.0) > 0.0:
+            raise ValueError(f"min_p must be 0 with use_vllm and hapo_adaptive_temperature (vLLM "
+                             f"computes min-p's threshold before the adaptive temperature), "
+                             f"got {self.min_p}")
 
 
 class HAPOGRPOTrainer(GRPOTrainer):
@@ -100,12 +121,16 @@ class HAPOGRPOTrainer(GRPOTrainer):
     Takes a :class:`HAPOGRPOConfig` as ``args``. Unsupported with HAPO (a ``ValueError`` at
     construction): ``loss_type`` other than dapo/grpo/bnpo/dr_grpo, sequence-level
     importance sampling, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, an
-    entropy bonus; with ``hapo_adaptive_temperature``, also vLLM, transformers' continuous
+    entropy bonus; with ``hapo_adaptive_temperature``, also transformers' continuous
     batching, tools and ``rollout_func`` (none of them reports per-token temperatures).
+    ``HAPOGRPOConfig`` refuses ``min_p > 0`` with vLLM and adaptive temperature (vLLM applies
+    min-p before the processor).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        with _vllm_processor_registered(config):
+            super().__init__(*args, **kwargs)
         if not isinstance(self.args, HAPOGRPOConfig):
             raise TypeError(f"HAPOGRPOTrainer needs a HAPOGRPOConfig as args, "
                             f"got {type(self.args).__name__}")
@@ -131,9 +156,6 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_enabled:
             problems.append("an entropy bonus (entropy_coef / adaptive entropy)")
         if args.hapo_adaptive_temperature:
-            if self.use_vllm:
-                problems.append("use_vllm with hapo_adaptive_temperature (vLLM does not report "
-                                "per-token temperatures; set hapo_adaptive_temperature=False)")
             if self.use_transformers_continuous_batching:
                 problems.append("transformers continuous batching with hapo_adaptive_temperature")
             if self.tools or self.rollout_func is not None:
@@ -170,6 +192,9 @@ class HAPOGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields,
                                                  num_generations, has_tool_images)
         stats = self._entropy_stats_for_sampling()
+        if self.use_vllm:
+            return self._generate_with_vllm(stats, prompt_ids, images, multimodal_fields,
+                                            num_generations, has_tool_images)
         processor = AdaptiveTemperatureLogitsProcessor(
             stats, tau=self.args.hapo_tau, base_temperature=self.temperature,
             variant=self.args.hapo_variant)
@@ -199,6 +224,70 @@ class HAPOGRPOTrainer(GRPOTrainer):
         self._hapo_rollout_temperature = temperature
         self._hapo_sampling_stats = stats
         return completion_ids, logprobs
+
+    def _generate_with_vllm(self, stats, prompt_ids, images, multimodal_fields, num_generations,
+                            has_tool_images):
+        """TRL's vLLM generation with the step's statistics in every request (engine
+        temperature 1; the processor applies T_base·(1 + τ·ĥ)), then T_t recomputed from the
+        trainer's own logits of the sampled sequences with the same statistics."""
+        settings = dict(tau=self.args.hapo_tau, base_temperature=self.temperature,
+                        variant=self.args.hapo_variant)
+        generation = self.vllm_generation
+        original = generation.generation_kwargs
+        kwargs = {**original, "temperature": 1.0}
+        if self.vllm_mode == "server":  # the OpenAI-compatible server takes flat vllm_xargs
+            kwargs["vllm_xargs"] = {**(original.get("vllm_xargs") or {}),
+                                    **sampling_vllm_xargs(stats, **settings)}
+        else:
+            kwargs["extra_args"] = {**(original.get("extra_args") or {}),
+                                    **sampling_extra_args(stats, **settings)}
+        generation.generation_kwargs = kwargs
+        try:
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:
+            generation.generation_kwargs = original
+        self._hapo_rollout_temperature = self._recompute_rollout_temperature(
+            stats, prompt_ids, completion_ids)
+        self._hapo_sampling_stats = stats
+        return completion_ids, logprobs
+
+    @torch.no_grad()
+    def _recompute_rollout_temperature(self, stats, prompt_ids, completion_ids) -> torch.Tensor:
+        """(B, max completion length) T_t = adaptive_temperature(H_t, stats, ...) with H_t
+        the T = 1 entropy of the trainer's logits at each sampled position (padding: T_base)."""
+        device = self.accelerator.device
+        width = max((len(ids) for ids in completion_ids), default=0)
+        base = torch.full((len(completion_ids), width), self.temperature, device=device)
+        if stats is None or width == 0:  # no statistics yet: the processor used T_base
+            return base
+        from trl.trainer.utils import pad
+
+        pad_id = self._tokenizer.pad_token_id
+        prompts = pad([torch.tensor(ids) for ids in prompt_ids], padding_value=pad_id,
+                      padding_side="left")
+        completions = pad([torch.tensor(ids) for ids in completion_ids], padding_value=pad_id,
+                          padding_side="right")
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids],
+                          padding_value=0, padding_side="left")
+        completion_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in completion_ids],
+                              padding_value=0, padding_side="right")
+        input_ids = torch.cat([prompts, completions], dim=1).to(device)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        batch_size = self.args.per_device_train_batch_size
+        temperatures = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            end = start + batch_size
+            with self.accelerator.autocast():
+                logits = model(input_ids=input_ids[start:end],
+                               attention_mask=attention_mask[start:end], use_cache=False,
+                               logits_to_keep=width + 1).logits[:, :-1, :]
+            temperatures.append(hapo_ops.adaptive_temperature(
+                hapo_ops.token_entropy(logits), stats, base_temperature=self.temperature,
+                tau=self.args.hapo_tau, variant=self.args.hapo_variant))
+        temperature = torch.cat(temperatures, dim=0)
+        return torch.where(completion_mask.to(device).bool(), temperature, base)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
@@ -423,4 +512,27 @@ def _forward_takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-__all__ = ["HAPOGRPOConfig", "HAPOGRPOTrainer", "SUPPORTED_LOSS_TYPES"]
+@contextlib.contextmanager
+def _vllm_processor_registered(config: object):
+    """While TRL builds its colocated ``vllm.LLM`` (with a fixed argument list), add the
+    adaptive-temperature processor to its ``logits_processors`` (the constructor route)."""
+    if not (isinstance(config, HAPOGRPOConfig) and config.use_vllm
+            and config.vllm_mode == "colocate" and config.hapo_adaptive_temperature):
+        yield
+        return
+    from trl.generation import vllm_generation
+
+    build = vllm_generation.LLM
+
+    def build_with_processor(*args: Any, **kwargs: Any):
+        processors = list(kwargs.pop("logits_processors", None) or [])
+        return build(*args, logits_processors=[*processors, VLLM_LOGITS_PROCESSOR], **kwargs)
+
+    vllm_generation.LLM = build_with_processor
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = build
+
+
+__all__ = ["HAPOGRPOConfig", "HAPOGRPOTrainer", "SUPPORTED_LOSS_TYPES", "VLLM_LOGITS_PROCESSOR"]
