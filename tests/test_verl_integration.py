@@ -23,19 +23,68 @@ import hapo_ops  # noqa: E402
 from hapo_ops.integrations import verl as hapo_verl  # noqa: E402
 
 
-def test_import_verl_alone_registers_the_estimators():
-    """The entry point: a fresh interpreter that only imports verl sees both estimators."""
-    code = ("import verl\n"
-            "from verl.trainer.ppo import core_algos\n"
-            "fns = [core_algos.get_adv_estimator_fn(n) for n in ('hapo_tlga', 'hapo_tlga_released')]\n"
-            "print(' '.join(f.__module__ + '.' + f.__name__ for f in fns))\n")
+def _fresh_python(code, **env_overrides):
     env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_PLUGINS"}
+    env.update(env_overrides)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [
+    return out.stdout.split()
+
+
+def test_import_verl_alone_registers_the_estimators_and_the_loss():
+    """The entry point: a fresh interpreter that only imports verl sees both estimators, and
+    the actor worker and distillation bind the loss dispatcher under verl's name."""
+    code = ("import verl\n"
+            "from verl.trainer.ppo import core_algos\n"
+            "from verl.workers import engine_workers\n"
+            "from verl.trainer.distillation import losses as distillation\n"
+            "fns = [core_algos.get_adv_estimator_fn(n) for n in ('hapo_tlga', 'hapo_tlga_released')]\n"
+            "fns += [engine_workers.ppo_loss, distillation.ppo_loss]\n"
+            "print(' '.join(f.__module__ + '.' + f.__name__ for f in fns))\n")
+    assert _fresh_python(code) == [
         "hapo_ops.integrations.verl.compute_hapo_tlga_advantage",
-        "hapo_ops.integrations.verl.compute_hapo_tlga_released_advantage"]
+        "hapo_ops.integrations.verl.compute_hapo_tlga_released_advantage",
+        "hapo_ops.integrations.verl.dispatch_ppo_loss",
+        "hapo_ops.integrations.verl.dispatch_ppo_loss"]
+
+
+def test_building_the_config_installs_the_loss_without_the_plugin():
+    """With verl's plugin discovery off, the worker's own config instantiation (hydra
+    ``_target_``) imports this module, which puts the dispatcher in the already-loaded
+    actor worker before it binds its loss."""
+    code = ("from omegaconf import OmegaConf\n"
+            "from verl.workers import engine_workers\n"
+            "from verl.utils.config import omega_conf_to_dataclass\n"
+            "before = engine_workers.ppo_loss.__name__\n"
+            "cfg = OmegaConf.create({'_target_': "
+            "'hapo_ops.integrations.verl.HAPOPolicyLossConfig', 'hapo_alpha': 0.5})\n"
+            "loss_cfg = omega_conf_to_dataclass(cfg)\n"
+            "print(before, type(loss_cfg).__name__, engine_workers.ppo_loss.__name__)\n")
+    assert _fresh_python(code, VERL_USE_EXTERNAL_PLUGINS="none") == [
+        "ppo_loss", "HAPOPolicyLossConfig", "dispatch_ppo_loss"]
+
+
+def test_a_failing_registration_is_logged_as_an_error(monkeypatch, caplog):
+    """verl logs plugin failures at debug level; this module logs them at ERROR first."""
+    def broken():
+        raise RuntimeError("registry changed")
+
+    monkeypatch.setattr(hapo_verl, "register_advantage_estimators", broken)
+    with caplog.at_level("DEBUG"), pytest.raises(RuntimeError, match="registry changed"):
+        hapo_verl.register()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "NOT available" in errors[0].getMessage()
+
+
+def test_dispatcher_routes_by_the_policy_loss_config():
+    from verl.workers.utils import losses
+
+    assert losses.ppo_loss is hapo_verl.dispatch_ppo_loss
+    assert hapo_verl.VERL_PPO_LOSS.__module__ == "verl.workers.utils.losses"
+    assert hapo_verl.install_loss_dispatcher() == hapo_verl.install_loss_dispatcher()  # idempotent
+    with pytest.raises(ValueError, match="loss_mode"):
+        hapo_verl.HAPOPolicyLossConfig(loss_mode="gspo")
 
 
 def _rollout_batch(seed=0, n_prompts=3, n=4, prompt_len=5, response_len=7):
@@ -117,28 +166,37 @@ def test_estimator_options_and_uid_types():
         fn(rewards, mask, index=None)
 
 
+# The README's verl configuration (loss and estimator), plus the sizes of a small run.
+DOCUMENTED_OVERRIDES = [
+    "algorithm.adv_estimator=hapo_tlga",
+    "actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig",
+    "actor_rollout_ref.actor.calculate_entropy=True",
+    "actor_rollout_ref.actor.clip_ratio_c=10.0",
+]
+SMALL_RUN = [
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "trainer.n_gpus_per_node=1",
+]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
 def test_config_machinery_accepts_the_hapo_loss_config():
     """verl's hydra config + omega_conf_to_dataclass (what validate_config and the actor
     worker run) build the actor config with the HAPO fields."""
-    from hydra import compose, initialize_config_module
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-    overrides = [
-        "algorithm.adv_estimator=hapo_tlga",
-        "trainer.v1.trainer_mode=hapo_sync",
-        "actor_rollout_ref.actor.calculate_entropy=True",
-        "actor_rollout_ref.actor.clip_ratio_c=10.0",
-        "actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig",
+    cfg = _compose(DOCUMENTED_OVERRIDES + SMALL_RUN + [
         "+actor_rollout_ref.actor.policy_loss.hapo_alpha=0.5",
         "+actor_rollout_ref.actor.policy_loss.hapo_variant=released",
-        "+algorithm.hapo_fallback_threshold=4.0",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-        "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-        "trainer.n_gpus_per_node=1",
-    ]
-    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+        "+algorithm.hapo_fallback_threshold=4.0"])
     validate_config(cfg, use_reference_policy=False, use_critic=False)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, hapo_verl.HAPOPolicyLossConfig)
@@ -149,16 +207,202 @@ def test_config_machinery_accepts_the_hapo_loss_config():
         hapo_verl.HAPOPolicyLossConfig(hapo_variant="other")
 
 
-def test_trainer_modes_registered_with_verls_v1_trainers():
+@pytest.mark.parametrize("mode", ["sync", "colocate_async", "separate_async"])
+def test_documented_config_builds_verls_own_trainer(mode):
+    """The HAPO configuration leaves verl's trainer modes alone: verl's own trainer class for
+    the mode, its replay buffer, its gen_batch_size and the mode's own settings."""
     pytest.importorskip("transfer_queue")
-    from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+    from verl.utils.config import validate_config
 
-    cls = get_trainer_cls("hapo_sync")
-    assert issubclass(cls, PPOTrainerSync) and cls is not PPOTrainerSync
-    assert cls.on_init_end is not PPOTrainerSync.on_init_end
-    assert issubclass(get_trainer_cls("hapo_colocate_async"), get_trainer_cls("colocate_async"))
-    assert hapo_verl.register_trainers().count("hapo_sync") == 1  # idempotent
-    assert get_trainer_cls("hapo_sync") is cls
+    extra = [f"trainer.v1.trainer_mode={mode}", "data.gen_batch_size=4"]
+    if mode == "separate_async":  # verl's own requirements for this mode
+        extra += ["actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                  "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
+                  "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"]
+    cfg = _compose(DOCUMENTED_OVERRIDES + SMALL_RUN + extra)
+    validate_config(cfg, use_reference_policy=False, use_critic=False)
+    cls = get_trainer_cls(cfg.trainer.v1.trainer_mode)
+    assert cls.__module__.startswith("verl.trainer.ppo.v1.trainer_")
+    trainer = cls(config=cfg)
+    assert trainer.trainer_mode == mode
+    buffer = trainer.replay_buffer
+    if mode == "sync":
+        assert type(buffer) is ReplayBuffer
+        assert buffer.gen_batch_size == 4 and trainer.parameter_sync_step == 1
+    else:
+        assert type(buffer) is ReplayBufferAsync
+    if mode == "separate_async":
+        assert trainer.parameter_sync_step == cfg.trainer.v1.separate_async.parameter_sync_step == 4
+
+
+# ----------------------------------------------------------------------------- CPU shims
+# verl has no CPU platform and registers its FSDP engine for CUDA/NPU only; its real worker
+# and engine run on a CPU with these test-only shims: a CPU platform registered with verl's
+# PlatformRegistry (device "cpu", gloo), the gloo process group started first, verl's own
+# engine classes registered for device "cpu", a tiny random Qwen2 with a word-level tokenizer.
+
+
+def _make_tiny_model(path, vocab=64):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2",
+                            bos_token="t3").save_pretrained(path)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, pad_token_id=1, eos_token_id=2, bos_token_id=3)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+
+
+def _install_cpu_platform():
+    import contextlib
+    import types
+
+    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform.platform_base import PlatformBase
+
+    if isinstance(platform_manager._current_platform, PlatformBase) and (
+            platform_manager._current_platform.device_name == "cpu"):
+        return
+
+    class CPUDeviceModule(types.ModuleType):
+        """torch.cpu plus the memory and name queries verl makes of its device module."""
+
+        def __getattr__(self, name):
+            if name == "mem_get_info":
+                return lambda *a, **k: (0, 0)
+            if name.startswith(("memory_", "max_memory_", "reset_")) or name == "empty_cache":
+                return lambda *a, **k: 0
+            if name == "get_device_name":
+                return lambda *a, **k: "CPU"
+            return getattr(torch.cpu, name)
+
+    class PlatformCPU(PlatformBase):
+        device_name = "cpu"
+        vendor_name = "cpu"
+        device_module = CPUDeviceModule("verl_cpu_device")
+
+        def is_available(self): return True
+        def is_platform_available(self, use_smi_check=False): return False
+        def current_device(self): return "cpu"
+        def device_count(self): return 1
+        def set_device(self, device_index): pass
+        def synchronize(self, device_index=None): pass
+        def manual_seed(self, seed): torch.manual_seed(seed)
+        def manual_seed_all(self, seed): torch.manual_seed(seed)
+        def set_allocator_settings(self, settings): pass
+        def empty_cache(self): pass
+        def get_device_capability(self, device_index=0): return (None, None)
+        def communication_backend_name(self): return "gloo"
+        def visible_devices_envvar(self): return "CPU_VISIBLE_DEVICES"
+        def nvtx_range(self, msg): return contextlib.nullcontext()
+        def profiler_start(self): pass
+        def profiler_stop(self): pass
+        def ray_resource_name(self): return "CPU"
+        def ray_noset_envvars(self): return []
+        def is_ipc_supported(self): return False
+        def cudart(self): return None
+
+    platform_manager.PlatformRegistry.register("cpu")(PlatformCPU)
+    platform_manager.set_platform(PlatformCPU())
+
+
+def _register_engines_for_cpu():
+    """verl's FSDP language-model engine (and HAPO's, under vendor "hapo") for device cpu."""
+    from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from hapo_ops.integrations import verl_engine
+
+    registry = EngineRegistry._engines["language_model"]
+    for backend in ("fsdp", "fsdp2"):
+        registry[backend].setdefault("cpu", FSDPEngineWithLMHead)
+        registry[backend].setdefault(("cpu", verl_engine.ENGINE_VENDOR), verl_engine.HAPOFSDPEngineWithLMHead)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def verl_on_cpu(tmp_path_factory):
+    """One gloo rank with verl's CPU shims; yields the tiny model's path."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        port = _free_port()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    _install_cpu_platform()
+    _register_engines_for_cpu()
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    _make_tiny_model(str(path))
+    return str(path)
+
+
+WORKER_OVERRIDES = ["trainer.device=cpu", "actor_rollout_ref.actor.strategy=fsdp2",
+                    "+actor_rollout_ref.model.override_config.attn_implementation=eager"]
+
+
+def _actor_worker(model_path, overrides):
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    cfg = _compose(DOCUMENTED_OVERRIDES + SMALL_RUN + WORKER_OVERRIDES
+                   + [f"actor_rollout_ref.model.path={model_path}"] + overrides)
+    worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+    worker.init_model()
+    return worker
+
+
+def _update_batch(seed=0):
+    """An update batch as the trainer hands it to update_actor (no-padding layout)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    batch, _, mask = _rollout_batch(seed=seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    b, lr = mask.shape
+    batch.batch["old_log_probs"] = -torch.rand(b, lr, generator=g) * 4.0 - 1.0
+    batch.batch["advantages"] = torch.randn(b, 1, generator=g).expand(b, lr) * mask
+    td = left_right_2_no_padding(batch.to_tensordict())
+    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=b, mini_batch_size=b,
+                         epochs=1, seed=1, dataloader_kwargs={"shuffle": False}, temperature=1.0)
+    return td
+
+
+def test_real_actor_worker_installs_the_loss_of_its_config(verl_on_cpu):
+    """verl's ActorRolloutRefWorker(role="actor").init_model() on CPU: with the HAPO policy-loss
+    config its loss is hapo_loss, with verl's own config verl's ppo_loss; one real update
+    (FSDP2, verl's default bf16 mixed precision) with α = β = 0 gives verl's numbers."""
+    hapo = _actor_worker(verl_on_cpu, ["+actor_rollout_ref.actor.policy_loss.hapo_alpha=0.0",
+                                       "+actor_rollout_ref.actor.policy_loss.hapo_beta=0.0"])
+    verl_own = _actor_worker(verl_on_cpu, [
+        "actor_rollout_ref.actor.policy_loss._target_=verl.workers.config.PolicyLossConfig"])
+    for worker in (hapo, verl_own):
+        assert worker.loss_fn.func is hapo_verl.dispatch_ppo_loss
+        assert worker.actor.loss_fn is worker.loss_fn
+    assert isinstance(hapo.loss_fn.keywords["config"].policy_loss, hapo_verl.HAPOPolicyLossConfig)
+    assert not isinstance(verl_own.loss_fn.keywords["config"].policy_loss, hapo_verl.HAPOPolicyLossConfig)
+
+    out = hapo.actor.train_mini_batch(_update_batch())["metrics"]
+    ref = verl_own.actor.train_mini_batch(_update_batch())["metrics"]
+    assert "actor/hapo/pivot" in out and "actor/hapo/pivot" not in ref  # hapo_loss ran, and verl's
+    for name in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
+                 "loss", "grad_norm"):
+        assert out[name] == pytest.approx(ref[name], rel=1e-6, abs=1e-8), name
+    assert out["grad_norm"][0] > 0
+    # verl's bonus is aggregated in bf16, hapo_loss's in float32
+    assert out["actor/entropy_loss"] == pytest.approx(ref["actor/entropy_loss"], rel=2 ** -7)
 
 
 # ----------------------------------------------------------------------------- actor loss
@@ -302,3 +546,65 @@ def test_hapo_loss_extra_terms_and_errors():
     del out["entropy"]
     with pytest.raises(ValueError, match="calculate_entropy"):
         hapo_verl.hapo_loss(base, out, mb)
+
+
+def _bf16_model_output(micro_batch, w, u):
+    """The engine's outputs under verl's default bf16 mixed precision: bf16 log-probs and
+    entropies (what FSDP's bf16 forward hands the loss), differentiable in float32 leaves."""
+    out = _model_output(micro_batch, w, u)
+    nest = torch.nested.nested_tensor_from_jagged
+    offsets = micro_batch["input_ids"].offsets()
+    return {k: nest(v.values().to(torch.bfloat16), offsets) for k, v in out.items()}
+
+
+def _float32_entropy(model_output):
+    out = dict(model_output)
+    nest = torch.nested.nested_tensor_from_jagged
+    out["entropy"] = nest(out["entropy"].values().float(), out["entropy"].offsets())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-sum",
+                                  "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("dp_size", [1, 2])
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
+def test_hapo_loss_without_hapo_equals_verls_ppo_loss_in_bf16(mode, dp_size, entropy_coeff):
+    """α = β = 0: hapo_loss is verl's own vanilla ppo_loss (same clip bounds, dual clip
+    clip_ratio_c) on the same bf16 micro-batches: loss, gradients and every verl metric.
+
+    verl aggregates its entropy bonus in the entropy's dtype (bf16 here), hapo_loss in
+    float32: with a bonus, verl's loss is taken on the float32 entropies (verl's own
+    aggregation of the same values), and verl's bf16 bonus agrees to bf16 resolution."""
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    _, micro_batches = _actor_batch(seed=2, dp_size=dp_size, micro_batch_size=4)
+    w, u = _leaves(7)
+    common = dict(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=2,
+                  loss_agg_mode=mode, clip_ratio_c=3.0, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                  entropy_coeff=entropy_coeff)
+    hapo_cfg = FSDPActorConfig(policy_loss=hapo_verl.HAPOPolicyLossConfig(
+        hapo_alpha=0.0, hapo_beta=0.0), **common)
+    verl_cfg = FSDPActorConfig(policy_loss=PolicyLossConfig(), **common)
+    for mb in micro_batches:
+        loss, metrics = hapo_verl.hapo_loss(hapo_cfg, _bf16_model_output(mb, w, u), mb)
+        grads = torch.autograd.grad(loss, [w, u], allow_unused=True)
+        verl_out = _bf16_model_output(mb, w, u)
+        _, bf16_metrics = hapo_verl.VERL_PPO_LOSS(verl_cfg, verl_out, mb)
+        ref_loss, ref_metrics = hapo_verl.VERL_PPO_LOSS(verl_cfg, _float32_entropy(verl_out), mb)
+        ref_grads = torch.autograd.grad(ref_loss, [w, u], allow_unused=True)
+        assert loss.dtype == ref_loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+        for g, ref_g in zip(grads, ref_grads):
+            if ref_g is None:  # no entropy bonus: no gradient into the entropy's leaf
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-8)
+        assert grads[0].abs().sum() > 0
+        for name in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
+                     "actor/pg_loss", "actor/entropy_loss"):
+            assert metrics[name].aggregation == ref_metrics[name].aggregation, name
+            assert metrics[name].values == pytest.approx(ref_metrics[name].values, rel=1e-6, abs=1e-7), name
+            if name != "actor/entropy_loss":
+                assert metrics[name].values == pytest.approx(bf16_metrics[name].values, rel=1e-6, abs=1e-7), name
+        assert metrics["actor/entropy_loss"].values == pytest.approx(
+            bf16_metrics["actor/entropy_loss"].values, rel=2 ** -7)
