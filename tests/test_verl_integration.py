@@ -254,7 +254,8 @@ def _make_tiny_model(path, vocab=64):
                             bos_token="t3").save_pretrained(path)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=1, eos_token_id=2, bos_token_id=3)
+                      tie_word_embeddings=False, pad_token_id=1, eos_token_id=2, bos_token_id=3,
+                      initializer_range=0.5)  # entropies spread from near 0 to ln V
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
 
@@ -608,3 +609,135 @@ def test_hapo_loss_without_hapo_equals_verls_ppo_loss_in_bf16(mode, dp_size, ent
                 assert metrics[name].values == pytest.approx(bf16_metrics[name].values, rel=1e-6, abs=1e-7), name
         assert metrics["actor/entropy_loss"].values == pytest.approx(
             bf16_metrics["actor/entropy_loss"].values, rel=2 ** -7)
+
+
+# ----------------------------------------------------------------------------- HAPO engine
+
+FP32_ENGINE = ["+actor_rollout_ref.actor.fsdp_config.mixed_precision="
+               "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"]
+STATIC_PAD = ["actor_rollout_ref.actor.fsdp_config.pad_to_length=True",
+              "actor_rollout_ref.actor.fsdp_config.pad_to_length_bucket=16"]
+
+
+def _reference_logits(model_path, input_ids):
+    """Independent reference: transformers' own model (eager attention) on each sequence
+    alone, float64 softmax; returns per sequence (logits[:-1], next tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager",
+                                                 dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for ids in input_ids.unbind():
+            z = model(ids[None], position_ids=torch.arange(len(ids))[None]).logits[0].double()
+            out.append((z[:-1], ids[1:]))
+    return out
+
+
+def _reference_h_hat(entropy, pivot, log_max, log_min, eps=1e-8):
+    """ĥ of the paper variant in float64, written out here (HAPO §3)."""
+    ell = torch.log(torch.clamp(entropy, min=eps))
+    above = (ell - pivot) / torch.clamp(log_max - pivot, min=eps)
+    below = (ell - pivot) / torch.clamp(pivot - log_min, min=eps)
+    return torch.where(ell > pivot, above, below).clamp(-1.0, 1.0)
+
+
+def _stats_rows(reference, base_temperature, tau):
+    """Per-sample statistics around the reference's log-entropies (so ĥ spreads over
+    [-1, 1]); sample 0 has none (T = T_base)."""
+    from hapo_ops.integrations import verl_engine
+
+    ell = torch.cat([torch.log(-(z.softmax(-1) * z.log_softmax(-1)).sum(-1)) for z, _ in reference])
+    lo, hi = ell.min().item(), ell.max().item()
+    rows = [verl_engine.rollout_stats_row(None, base_temperature=base_temperature, tau=tau)]
+    for i in range(1, len(reference)):
+        pivot = lo + (hi - lo) * (0.2 + 0.6 * i / len(reference))
+        rows.append(verl_engine.rollout_stats_row((pivot, hi - 0.1 * (hi - lo), lo + 0.1 * (hi - lo)),
+                                                  base_temperature=base_temperature, tau=tau))
+    return torch.stack(rows)
+
+
+def _check_against_reference(out, reference, rows):
+    """log-probs at T_t, the T = 1 entropy and T_t equal the float64 reference (≤ 1e-5)."""
+    from hapo_ops.integrations import verl_engine
+
+    for i, (z, labels) in enumerate(reference):
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        pivot, log_max, log_min, base, tau = rows[i, :5].double()
+        temperature = base * (1.0 + tau * _reference_h_hat(entropy, pivot, log_max, log_min))
+        logp = (z / temperature[:, None]).log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+        n = len(labels)
+        torch.testing.assert_close(out["entropy"][i][:n].double(), entropy, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[verl_engine.TOKEN_TEMPERATURE_KEY][i][:n].double(),
+                                   temperature, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out["log_probs"][i][:n].double(), logp, rtol=1e-5, atol=1e-5)
+    spread = out[verl_engine.TOKEN_TEMPERATURE_KEY].values()
+    assert spread.max() - spread.min() > 0.05  # the temperatures do vary per token
+
+
+def _infer(worker, td, **extra):
+    from verl.utils import tensordict_utils as tu
+
+    tu.assign_non_tensor(td, compute_loss=False, calculate_entropy=True, **extra)
+    return worker.actor.infer_batch(td)
+
+
+@pytest.mark.parametrize("static_pad", [False, True])
+def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, static_pad):
+    """VERL_ENGINE_VENDOR=hapo makes verl's own worker build HAPO's engine; on a tiny random
+    Qwen2 (fp32, eager attention) its log-probs at the per-token temperatures, the T = 1
+    entropy and T_t equal an independent transformers reference, with and without verl's
+    static packed padding."""
+    from hapo_ops.integrations import verl_engine
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
+    worker = _actor_worker(verl_on_cpu, FP32_ENGINE + (STATIC_PAD if static_pad else []))
+    engine = worker.actor.engine
+    assert type(engine) is verl_engine.HAPOFSDPEngineWithLMHead
+    assert engine.pad_to_length == static_pad
+    td = _update_batch(seed=3)
+    reference = _reference_logits(verl_on_cpu, td["input_ids"])
+    rows = _stats_rows(reference, base_temperature=0.9, tau=0.3)
+    td[verl_engine.ROLLOUT_STATS_KEY] = rows
+    out = _infer(worker, td, temperature=0.9)
+    _check_against_reference(out, reference, rows)
+
+
+def test_hapo_engine_update_right_after_old_log_probs_has_ratio_one(verl_on_cpu, monkeypatch):
+    """T_t stored with the batch when the old log-probs are computed: the update (and the
+    reference model) use it, so an update right after has ratio exactly 1."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from hapo_ops.integrations import verl_engine
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
+    worker = _actor_worker(verl_on_cpu, FP32_ENGINE)
+    td = _update_batch(seed=4)
+    reference = _reference_logits(verl_on_cpu, td["input_ids"])
+    td[verl_engine.ROLLOUT_STATS_KEY] = _stats_rows(reference, base_temperature=1.0, tau=0.5)
+    old = _infer(worker, td.clone(), temperature=1.0)
+    stored = old[verl_engine.TOKEN_TEMPERATURE_KEY]
+
+    # The reference model: verl builds it as a TrainingWorker through the same registry
+    # lookup, so it gets this engine too, and it reads the stored T_t like any batch (verl's
+    # forward-only FSDP2 engine pins memory for CPU offload, which needs an accelerator, so
+    # the stored-temperature pass runs here on the actor's engine, before the update).
+    from verl.workers.engine import EngineRegistry
+
+    assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is verl_engine.HAPOFSDPEngineWithLMHead
+    again_td = _update_batch(seed=4)
+    again_td[verl_engine.TOKEN_TEMPERATURE_KEY] = stored
+    again = _infer(worker, again_td, temperature=1.0)
+    torch.testing.assert_close(again["log_probs"].values(), old["log_probs"].values(), rtol=0, atol=0)
+
+    update = _update_batch(seed=4)
+    # the response slice of the nested log-probs, as verl's loss slices the new ones
+    update["old_log_probs"] = no_padding_2_padding(old["log_probs"], update)
+    update[verl_engine.TOKEN_TEMPERATURE_KEY] = stored
+    # other statistics ride along too (a later step's): the stored T_t wins
+    update[verl_engine.ROLLOUT_STATS_KEY] = _stats_rows(reference, base_temperature=1.0, tau=0.1)
+    metrics = worker.actor.train_mini_batch(update)["metrics"]
+    assert metrics["actor/ppo_kl"] == pytest.approx([0.0], abs=1e-6)
+    assert metrics["actor/hapo/approx_kl"] == pytest.approx([0.0], abs=1e-7)
+    assert metrics["actor/pg_clipfrac"] == [0.0]
+
