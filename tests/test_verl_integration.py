@@ -316,10 +316,12 @@ def _install_cpu_platform():
 def _register_engines_for_cpu():
     """verl's FSDP language-model engine (and HAPO's, under vendor "hapo") for device cpu."""
     from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp import transformer_impl
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     from hapo_ops.integrations import verl_engine
 
+    transformer_impl.device_name = "cpu"  # read from the platform when verl was imported
     registry = EngineRegistry._engines["language_model"]
     for backend in ("fsdp", "fsdp2"):
         registry[backend].setdefault("cpu", FSDPEngineWithLMHead)
@@ -741,3 +743,107 @@ def test_hapo_engine_update_right_after_old_log_probs_has_ratio_one(verl_on_cpu,
     assert metrics["actor/hapo/approx_kl"] == pytest.approx([0.0], abs=1e-7)
     assert metrics["actor/pg_clipfrac"] == [0.0]
 
+
+
+# Ulysses sequence parallelism on CPU. verl's Ulysses attention is a wrapper around
+# transformers' flash-attention forward (all-to-all, attention over the whole packed
+# sequence, all-to-all back). flash-attn has no CPU build, so the shim registers an
+# attention implementation that routes through that same (verl-patched) hook, and puts a
+# varlen causal attention on the CPU in the place of the flash-attn kernel.
+
+CPU_VARLEN_ATTENTION = "hapo_test_cpu_varlen"
+
+
+def _cpu_varlen_flash_attention(query, key, value, attention_mask, query_length, *args,
+                                position_ids=None, softmax_scale=None, **kwargs):
+    """flash-attn's varlen causal attention on a CPU: (1, S, H, D) packed query/key/value,
+    sequences delimited where position_ids restart, grouped-query heads repeated."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (1, H, S, D)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    segment = (position_ids[0] == 0).cumsum(0)
+    n = segment.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = causal & (segment[:, None] == segment[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def _install_cpu_varlen_attention():
+    from transformers import AttentionInterface
+    from transformers.integrations import flash_attention
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from verl.models.transformers import monkey_patch
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # through transformers' flash-attention hook, which verl replaces by its Ulysses wrapper
+        out = flash_attention._flash_attention_forward(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+            query.shape[2], position_ids=kwargs.get("position_ids"), softmax_scale=scaling)
+        return out, None
+
+    AttentionInterface.register(CPU_VARLEN_ATTENTION, attention)
+    AttentionMaskInterface.register(CPU_VARLEN_ATTENTION, flash_attention_mask)
+    monkey_patch._flash_attention_forward = _cpu_varlen_flash_attention  # the kernel's place
+    flash_attention._flash_attention_forward = _cpu_varlen_flash_attention  # SP = 1: no wrapper
+
+
+def _sp_rank_main(model_path, sp_size, out_path, stats_path):
+    """One gloo rank of the SP run: HAPO's engine through verl's worker, SP = sp_size."""
+    sp_size = int(sp_size)
+    import torch.distributed as dist
+
+    from hapo_ops.integrations import verl_engine
+
+    dist.init_process_group("gloo")
+    _install_cpu_platform()
+    _register_engines_for_cpu()
+    _install_cpu_varlen_attention()
+    os.environ["VERL_ENGINE_VENDOR"] = verl_engine.ENGINE_VENDOR
+    worker = _actor_worker(model_path, FP32_ENGINE + [
+        f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp_size}",
+        f"actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size={sp_size}",
+        f"trainer.n_gpus_per_node={dist.get_world_size()}",
+        f"++actor_rollout_ref.model.override_config.attn_implementation={CPU_VARLEN_ATTENTION}"])
+    assert worker.actor.engine.ulysses_sequence_parallel_size == sp_size
+    td = _update_batch(seed=6)
+    td[verl_engine.ROLLOUT_STATS_KEY] = torch.load(stats_path)
+    out = _infer(worker, td, temperature=0.9)
+    if dist.get_rank() == 0:
+        torch.save({k: out[k].values() for k in ("log_probs", "entropy",
+                                                 verl_engine.TOKEN_TEMPERATURE_KEY)}, out_path)
+    dist.destroy_process_group()
+
+
+def _run_ranks(world_size, *args):
+    port = str(_free_port())
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_verl_integration as t; "
+            f"t._sp_rank_main(*{tuple(str(a) for a in args)!r})")
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                   LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=here,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+
+
+def test_hapo_engine_ulysses_sp2_equals_sp1(verl_on_cpu, tmp_path):
+    """Ulysses SP = 2 on two gloo ranks gives the SP = 1 result (and both the reference)."""
+    td = _update_batch(seed=6)
+    reference = _reference_logits(verl_on_cpu, td["input_ids"])
+    rows = _stats_rows(reference, base_temperature=0.9, tau=0.3)
+    torch.save(rows, tmp_path / "stats.pt")
+    results = {}
+    for sp_size in (1, 2):
+        _run_ranks(sp_size, verl_on_cpu, sp_size, tmp_path / f"sp{sp_size}.pt", tmp_path / "stats.pt")
+        results[sp_size] = torch.load(tmp_path / f"sp{sp_size}.pt")
+    for key, value in results[1].items():
+        torch.testing.assert_close(results[2][key], value, rtol=1e-6, atol=1e-6)
+    nest = torch.nested.nested_tensor_from_jagged
+    offsets = td["input_ids"].offsets()
+    _check_against_reference({k: nest(v, offsets) for k, v in results[2].items()}, reference, rows)
