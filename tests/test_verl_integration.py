@@ -703,6 +703,14 @@ def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, 
     td[verl_engine.ROLLOUT_STATS_KEY] = rows
     out = _infer(worker, td, temperature=0.9)
     _check_against_reference(out, reference, rows)
+    # the statistics of this batch's T = 1 entropies (response tokens), for the next rollout
+    response_entropy = torch.cat([
+        -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)[-int(td["response_mask"][i].sum()):]
+        for i, (z, _) in enumerate(reference)])
+    expected = hapo_ops.entropy_stats(response_entropy, torch.ones_like(response_entropy, dtype=torch.bool),
+                                      quantile=0.8)
+    for got, want in zip(engine.hapo_batch_stats, expected):
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
 
 
 def test_hapo_engine_update_right_after_old_log_probs_has_ratio_one(verl_on_cpu, monkeypatch):
@@ -847,3 +855,138 @@ def test_hapo_engine_ulysses_sp2_equals_sp1(verl_on_cpu, tmp_path):
     nest = torch.nested.nested_tensor_from_jagged
     offsets = td["input_ids"].offsets()
     _check_against_reference({k: nest(v, offsets) for k, v in results[2].items()}, reference, rows)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+AGENT_LOOP_YAML = """\
+- name: hapo_single_turn_agent
+  _target_: hapo_ops.integrations.verl_rollout.HAPOSingleTurnAgentLoop
+"""
+ROLLOUT_OVERRIDES = [
+    "actor_rollout_ref.rollout.temperature=0.9",
+    "+actor_rollout_ref.actor.policy_loss.hapo_tau=0.2",
+    "+actor_rollout_ref.actor.policy_loss.hapo_variant=released",
+]
+
+
+class _RecordingLLMServer:
+    """Stands in for verl's LLM server client (the vLLM side is tested with vLLM itself):
+    records each request's sampling parameters and returns two tokens."""
+
+    def __init__(self):
+        self.requests = []
+
+    async def generate(self, *, request_id, prompt_ids, sampling_params, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        self.requests.append(dict(sampling_params))
+        return TokenOutput(token_ids=[5, 2], log_probs=[-0.5, -0.7], stop_reason="completed")
+
+
+def _agent_loop(model_path, tmp_path, server):
+    """HAPO's agent loop built as verl's AgentLoopWorker builds one: registry entries from
+    the YAML at agent_loop_config_path, then hydra.utils.instantiate with verl's wrappers."""
+    import asyncio
+
+    import hydra
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.utils.config import omega_conf_to_dataclass
+
+    path = tmp_path / "agent_loops.yaml"
+    path.write_text(AGENT_LOOP_YAML)
+    cfg = _compose(DOCUMENTED_OVERRIDES + SMALL_RUN + ROLLOUT_OVERRIDES + [
+        f"actor_rollout_ref.model.path={model_path}",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={path}",
+        "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn_agent",
+        "actor_rollout_ref.rollout.prompt_length=16", "actor_rollout_ref.rollout.response_length=8"])
+    model_config = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
+    tokenizer = model_config.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    asyncio.set_event_loop(asyncio.new_event_loop())  # verl's loop binds the current one
+    (entry,) = [e for e in OmegaConf.load(path) if e.name == cfg.actor_rollout_ref.rollout.agent.default_agent_loop]
+    loop = hydra.utils.instantiate(
+        config=entry, trainer_config=DictConfigWrap(config=cfg), server_manager=server,
+        tokenizer=tokenizer, processor=None, hf_model_type=None, dataset_cls=RLHFDataset,
+        data_config=DictConfigWrap(cfg.data), tools=ToolListWrap([]))
+    return cfg, loop
+
+
+def test_agent_loop_puts_the_statistics_into_extra_args(verl_on_cpu, tmp_path):
+    """The manager's prompt entry, through verl's worker hand-off (NonTensorData → .data →
+    the loop's kwargs), becomes each request's extra_args["hapo"], with the engine at T = 1;
+    verl copies the same entry into the trajectory, which the actor reads."""
+    import asyncio
+
+    from tensordict import NonTensorData, TensorDict
+
+    from hapo_ops.integrations import verl_engine, verl_rollout
+    from hapo_ops.integrations.vllm import check_sampling_params, parse_sampling_args
+
+    server = _RecordingLLMServer()
+    cfg, loop = _agent_loop(verl_on_cpu, tmp_path, server)
+    run = asyncio.get_event_loop().run_until_complete
+    assert isinstance(loop, verl_rollout.HAPOSingleTurnAgentLoop)
+    settings = verl_rollout.hapo_settings(cfg)
+    assert settings == {"tau": 0.2, "variant": "released", "eps": 1e-8, "quantile": 0.8,
+                        "base_temperature": 0.9}
+    stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
+    prompts = TensorDict({"uid": NonTensorData("u0")}, batch_size=[])
+    verl_rollout.attach_rollout_stats(prompts, stats, settings)
+    # AgentLoopWorkerTQ.generate_sequences: NonTensorData entries go to every sample as .data
+    row = prompts.get(verl_engine.ROLLOUT_STATS_KEY)
+    row = row.data if hasattr(row, "data") else row
+    sampling = {"temperature": 0.9, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                "logprobs": True}
+    out = run(loop.run(dict(sampling), raw_prompt=[{"role": "user", "content": "t5 t6"}],
+                               **{verl_engine.ROLLOUT_STATS_KEY: row}))
+    request = server.requests[-1]
+    assert request["temperature"] == 1.0
+    expected = hapo_ops.integrations.vllm.sampling_extra_args(
+        stats, tau=0.2, base_temperature=0.9, variant="released", eps=1e-8)
+    # the row is float32 (the actor reads the same row): the same numbers to float32
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32)) if isinstance(v, float) else v  # noqa: E731
+    assert request["extra_args"] == {"hapo": {k: f32(v) for k, v in expected["hapo"].items()}}
+    args = parse_sampling_args(request["extra_args"])
+    assert (args.pivot, args.log_max, args.log_min) == (0.5, 1.5, -2.0)
+    assert args.base_temperature == pytest.approx(0.9) and args.tau == pytest.approx(0.2)
+
+    class Params:  # the fields vLLM's processor checks, as vLLM's SamplingParams holds them
+        temperature, min_p, extra_args, sampling_type = request["temperature"], 0.0, request["extra_args"], None
+    if importlib_util_find_spec("vllm") is None:
+        assert parse_sampling_args(Params.extra_args) is not None
+    else:
+        assert check_sampling_params(Params) is not None
+    assert out.response_ids == [5, 2]
+    # the first step (no statistics yet): T_base everywhere, no statistics sent
+    verl_rollout.attach_rollout_stats(prompts, None, settings)
+    row = prompts.get(verl_engine.ROLLOUT_STATS_KEY)
+    run(loop.run(dict(sampling), raw_prompt=[{"role": "user", "content": "t5"}],
+                         **{verl_engine.ROLLOUT_STATS_KEY: row.data if hasattr(row, "data") else row}))
+    assert "pivot" not in server.requests[-1]["extra_args"]["hapo"]
+    # greedy (validation) and requests without the entry stay verl's own
+    run(loop.run({**sampling, "temperature": 0.0}, raw_prompt=[{"role": "user", "content": "t5"}],
+                         **{verl_engine.ROLLOUT_STATS_KEY: row.data if hasattr(row, "data") else row}))
+    assert "extra_args" not in server.requests[-1] and server.requests[-1]["temperature"] == 0.0
+    run(loop.run(dict(sampling), raw_prompt=[{"role": "user", "content": "t5"}]))
+    assert "extra_args" not in server.requests[-1] and server.requests[-1]["temperature"] == 0.9
+
+
+def importlib_util_find_spec(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name)
+
+
+def test_statistics_board_without_ray_is_a_no_op():
+    from hapo_ops.integrations import verl_rollout
+
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is running")
+    stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
+    assert verl_rollout.publish_entropy_stats(stats) is False
+    assert verl_rollout.latest_entropy_stats() is None

@@ -159,6 +159,8 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     hapo_stats_scope: "dp" pools the entropy statistics of each micro-batch over the
       data-parallel ranks (exact, collective), "local" uses this rank's micro-batch only.
     hapo_entropy_eps: floor of H before the log.
+    hapo_tau: adaptive temperature strength τ of the rollout, |τ| < 1 (read by the HAPO
+      agent-loop manager, :mod:`hapo_ops.integrations.verl_rollout`; unused by the loss).
     """
 
     hapo_variant: str = "paper"
@@ -167,6 +169,7 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     hapo_quantile: float = 0.8
     hapo_stats_scope: str = "dp"
     hapo_entropy_eps: float = 1e-8
+    hapo_tau: float = 0.05
 
     def __post_init__(self) -> None:
         check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
@@ -175,6 +178,8 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
         check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
         check_choice("hapo_stats_scope", self.hapo_stats_scope, ("dp", "local"))
         check_float("hapo_entropy_eps", self.hapo_entropy_eps, min_value=0.0, min_inclusive=False)
+        check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
+                    max_inclusive=False)
         if self.loss_mode != "vanilla":
             raise ValueError("HAPOPolicyLossConfig replaces the whole policy loss: loss_mode must "
                              f"stay 'vanilla', got {self.loss_mode!r}")

@@ -51,6 +51,7 @@ try:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
     from verl.workers.engine.utils import pad_packed_inputs
+    from verl.workers.utils.padding import no_padding_2_padding
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("hapo_ops.integrations.verl_engine needs verl: pip install 'hapo-ops[verl]'") from exc
 
@@ -58,15 +59,18 @@ ENGINE_VENDOR = "hapo"
 ROLLOUT_STATS_KEY = "hapo_rollout_stats"
 TOKEN_TEMPERATURE_KEY = "hapo_token_temperature"
 # Columns of ``hapo_rollout_stats`` (one row per sample, float32).
-ROLLOUT_STATS_FIELDS = ("pivot", "log_max", "log_min", "base_temperature", "tau", "eps", "variant")
+ROLLOUT_STATS_FIELDS = ("pivot", "log_max", "log_min", "base_temperature", "tau", "eps", "variant",
+                        "quantile")
 VARIANT_CODES = {"paper": 0.0, "released": 1.0}
 
 
 def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, tau: float,
-                      variant: str = "paper", eps: float = 1e-8) -> torch.Tensor:
-    """The (7,) float32 row of ``hapo_rollout_stats`` for one sample.
+                      variant: str = "paper", eps: float = 1e-8, quantile: float = 0.8
+                      ) -> torch.Tensor:
+    """The (8,) float32 row of ``hapo_rollout_stats`` for one sample.
 
-    Columns :data:`ROLLOUT_STATS_FIELDS`; ``variant`` as its code in :data:`VARIANT_CODES`.
+    Columns :data:`ROLLOUT_STATS_FIELDS`; ``variant`` as its code in :data:`VARIANT_CODES`;
+    ``quantile`` is the pivot quantile the engine uses for the next statistics.
     ``stats=None`` (no training batch yet) stores pivot 0, log_max +inf, log_min -inf,
     which gives ĥ = 0 and T_t = T_base, as :func:`hapo_ops.adaptive_temperature` with no
     statistics.
@@ -78,7 +82,7 @@ def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, ta
     else:
         pivot, log_max, log_min = (float(v) for v in stats)
     return torch.tensor([pivot, log_max, log_min, float(base_temperature), float(tau),
-                         float(eps), VARIANT_CODES[variant]], dtype=torch.float32)
+                         float(eps), VARIANT_CODES[variant], float(quantile)], dtype=torch.float32)
 
 
 def _uniform(values: torch.Tensor, name: str) -> float:
@@ -92,7 +96,7 @@ def _uniform(values: torch.Tensor, name: str) -> float:
 def token_temperature(entropy: torch.Tensor, stats_rows: torch.Tensor) -> torch.Tensor:
     """T_t = T_base·(1 + τ·ĥ_t) per token from the T = 1 entropy and per-token stats rows.
 
-    ``entropy``: (N,) float32; ``stats_rows``: (N, 7) rows of ``hapo_rollout_stats``, one per
+    ``entropy``: (N,) float32; ``stats_rows``: (N, 8) rows of ``hapo_rollout_stats``, one per
     token (each sample's row repeated). pivot, log_max, log_min may differ per token; τ,
     T_base, eps and the variant must be the same for all.
     """
@@ -123,6 +127,36 @@ def _refuse(micro_batch: Any) -> None:
 class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     """verl's FSDP language-model engine with the T = 1 entropy and per-token temperature
     computed by hapo-ops (module docstring)."""
+
+    def infer_batch(self, data, loss_function=None):
+        """verl's forward-only pass; on the old-log-prob pass of a HAPO batch (statistics
+        present, no stored T_t) also the statistics of the T = 1 entropies of its response
+        tokens over all data-parallel ranks (quantile and eps from the batch), kept as
+        ``hapo_batch_stats`` and published for the next rollout
+        (:func:`hapo_ops.integrations.verl_rollout.publish_entropy_stats`)."""
+        keys = data.keys()
+        collect = ROLLOUT_STATS_KEY in keys and TOKEN_TEMPERATURE_KEY not in keys
+        self._hapo_entropies = [] if collect else None
+        try:
+            outputs = super().infer_batch(data, loss_function)
+        finally:
+            collected, self._hapo_entropies = self._hapo_entropies, None
+        if collect:
+            rows = data[ROLLOUT_STATS_KEY].to(torch.float32)
+            values = (torch.cat(collected) if collected
+                      else torch.zeros(0, dtype=torch.float32, device=rows.device))
+            group = None
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                group = self.get_data_parallel_group()
+            self.hapo_batch_stats = hapo_ops.entropy_stats(
+                values, torch.ones_like(values, dtype=torch.bool),
+                quantile=_uniform(rows[:, 7], "quantile"), eps=_uniform(rows[:, 5], "eps"),
+                group=group)
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                from hapo_ops.integrations.verl_rollout import publish_entropy_stats
+
+                publish_entropy_stats(self.hapo_batch_stats)
+        return outputs
 
     def _packed_like_inputs(self, values: torch.Tensor, static_pad_size: int,
                             pad_value: float) -> torch.Tensor:
@@ -191,9 +225,13 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             model_output["log_probs"] = nest(self._gather_and_unpad_packed(log_probs, pad_size),
                                              cu_seqlens)
         if calculate_entropy:
-            entropy = hapo_ops.token_entropy(logits)
-            model_output["entropy"] = nest(self._gather_and_unpad_packed(entropy, pad_size),
-                                           cu_seqlens)
+            entropy = self._gather_and_unpad_packed(hapo_ops.token_entropy(logits), pad_size)
+            model_output["entropy"] = nest(entropy, cu_seqlens)
+            collected = getattr(self, "_hapo_entropies", None)
+            if collected is not None:  # the response tokens, sliced as verl's loss slices them
+                response = no_padding_2_padding(model_output["entropy"].detach(), micro_batch)
+                mask = micro_batch.select("response_mask").to_padded_tensor()["response_mask"]
+                collected.append(response.to(torch.float32)[mask.to(response.device).bool()])
         model_output[TOKEN_TEMPERATURE_KEY] = nest(
             self._gather_and_unpad_packed(temperature.to(torch.float32), pad_size), cu_seqlens)
         return model_output
