@@ -920,7 +920,7 @@ def test_agent_loop_puts_the_statistics_into_extra_args(verl_on_cpu, tmp_path):
     verl copies the same entry into the trajectory, which the actor reads."""
     import asyncio
 
-    from tensordict import NonTensorData, TensorDict
+    from tensordict import NonTensorData
 
     from hapo_ops.integrations import verl_engine, verl_rollout
     from hapo_ops.integrations.vllm import check_sampling_params, parse_sampling_args
@@ -933,11 +933,15 @@ def test_agent_loop_puts_the_statistics_into_extra_args(verl_on_cpu, tmp_path):
     assert settings == {"tau": 0.2, "variant": "released", "eps": 1e-8, "quantile": 0.8,
                         "base_temperature": 0.9}
     stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
-    prompts = TensorDict({"uid": NonTensorData("u0")}, batch_size=[])
+    from verl.utils import tensordict_utils as tu
+
+    prompts = tu.get_tensordict({"input_ids": torch.zeros(3, 2)}, non_tensor_dict={"uid": ["a", "b", "c"]})
     verl_rollout.attach_rollout_stats(prompts, stats, settings)
-    # AgentLoopWorkerTQ.generate_sequences: NonTensorData entries go to every sample as .data
-    row = prompts.get(verl_engine.ROLLOUT_STATS_KEY)
-    row = row.data if hasattr(row, "data") else row
+    # AgentLoopWorkerTQ.generate_sequences: a NonTensorData entry goes to every sample as .data
+    (chunk, _) = prompts.chunk(2)
+    entry = chunk.get(verl_engine.ROLLOUT_STATS_KEY)
+    assert isinstance(entry, NonTensorData)
+    row = entry.data
     sampling = {"temperature": 0.9, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
                 "logprobs": True}
     out = run(loop.run(dict(sampling), raw_prompt=[{"role": "user", "content": "t5 t6"}],

@@ -40,7 +40,7 @@ from hapo_ops.integrations.vllm import EXTRA_ARGS_KEY, sampling_extra_args
 
 try:
     import ray
-    from tensordict import NonTensorData
+    from verl.utils import tensordict_utils as tu
     from verl.experimental.agent_loop.agent_loop import register
     from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
     from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
@@ -117,7 +117,7 @@ def hapo_settings(config: Any) -> dict:
 def attach_rollout_stats(prompts: Any, stats: EntropyStats | None, settings: dict) -> Any:
     """Add the ``hapo_rollout_stats`` row (statistics and settings) to a prompt batch
     (``TensorDict``) as non-tensor data, in place; returns it."""
-    prompts[ROLLOUT_STATS_KEY] = NonTensorData(rollout_stats_row(stats, **settings))
+    tu.assign_non_tensor_data(prompts, ROLLOUT_STATS_KEY, rollout_stats_row(stats, **settings))
     return prompts
 
 
