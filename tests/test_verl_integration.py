@@ -166,12 +166,23 @@ def test_estimator_options_and_uid_types():
         fn(rewards, mask, index=None)
 
 
-# The README's verl configuration (loss and estimator), plus the sizes of a small run.
+# The README's verl configuration, part by part, plus the sizes of a small run.
 DOCUMENTED_OVERRIDES = [
     "algorithm.adv_estimator=hapo_tlga",
     "actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig",
     "actor_rollout_ref.actor.calculate_entropy=True",
     "actor_rollout_ref.actor.clip_ratio_c=10.0",
+]
+DOCUMENTED_ENGINE_AND_ROLLOUT = [
+    "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_ENGINE_VENDOR=hapo",
+    "+actor_rollout_ref.rollout.agent.agent_loop_manager_class="
+    "hapo_ops.integrations.verl_rollout.HAPOAgentLoopManager",
+    "actor_rollout_ref.rollout.agent.agent_loop_config_path=hapo_agent_loops.yaml",
+    "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn_agent",
+    "+actor_rollout_ref.rollout.engine_kwargs.vllm.logits_processors="
+    "[hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor]",
+    "actor_rollout_ref.rollout.logprobs_mode=processed_logprobs",
+    "actor_rollout_ref.rollout.temperature=1.0",
 ]
 SMALL_RUN = [
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -179,6 +190,16 @@ SMALL_RUN = [
     "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
     "trainer.n_gpus_per_node=1",
 ]
+
+
+def test_readme_lists_the_tested_configuration():
+    """Every configuration line these tests build verl's trainers from is in the README."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                               "README.md"), encoding="utf-8").read()
+    lines = {line.split("#")[0].strip() for line in readme.splitlines()}
+    missing = [o for o in DOCUMENTED_OVERRIDES + DOCUMENTED_ENGINE_AND_ROLLOUT if o not in lines]
+    assert not missing
+    assert AGENT_LOOP_YAML.strip() in readme
 
 
 def _compose(overrides):
@@ -221,8 +242,22 @@ def test_documented_config_builds_verls_own_trainer(mode):
         extra += ["actor_rollout_ref.actor.ppo_mini_batch_size=2",
                   "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
                   "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"]
-    cfg = _compose(DOCUMENTED_OVERRIDES + SMALL_RUN + extra)
+    cfg = _compose(DOCUMENTED_OVERRIDES + DOCUMENTED_ENGINE_AND_ROLLOUT + SMALL_RUN + extra)
     validate_config(cfg, use_reference_policy=False, use_critic=False)
+    # what run_ppo hands to ray.init: every worker's environment selects HAPO's engine
+    from omegaconf import OmegaConf
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+    from verl.utils.import_utils import load_class_from_fqn
+
+    runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.runtime_env)
+    assert runtime_env.env_vars.VERL_ENGINE_VENDOR == "hapo"
+    from hapo_ops.integrations import verl_rollout
+
+    manager = load_class_from_fqn(cfg.actor_rollout_ref.rollout.agent.agent_loop_manager_class,
+                                  "AgentLoopManager")
+    assert manager is verl_rollout.HAPOAgentLoopManager
+    assert list(cfg.actor_rollout_ref.rollout.engine_kwargs.vllm.logits_processors) == [
+        "hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor"]
     cls = get_trainer_cls(cfg.trainer.v1.trainer_mode)
     assert cls.__module__.startswith("verl.trainer.ppo.v1.trainer_")
     trainer = cls(config=cfg)
