@@ -49,6 +49,17 @@ def test_import_verl_alone_registers_the_estimators_and_the_loss():
         "hapo_ops.integrations.verl.dispatch_ppo_loss"]
 
 
+def test_engine_vendor_hapo_registers_the_engine_at_import_verl():
+    """A worker started with VERL_ENGINE_VENDOR=hapo (Ray's runtime env) gets HAPO's engine
+    registered by the plugin, before verl's worker looks its engine up."""
+    code = ("import verl\n"
+            "from verl.workers.engine import EngineRegistry\n"
+            "cls = EngineRegistry._engines['language_model']['fsdp2'][('cuda', 'hapo')]\n"
+            "print(cls.__module__ + '.' + cls.__name__)\n")
+    assert _fresh_python(code, VERL_ENGINE_VENDOR="hapo") == [
+        "hapo_ops.integrations.verl_engine.HAPOFSDPEngineWithLMHead"]
+
+
 def test_building_the_config_installs_the_loss_without_the_plugin():
     """With verl's plugin discovery off, the worker's own config instantiation (hydra
     ``_target_``) imports this module, which puts the dispatcher in the already-loaded

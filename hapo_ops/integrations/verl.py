@@ -221,7 +221,11 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
     over verl's global counts and multiplied by ``dp_size``, as verl's ``agg_loss`` does
     (DDP/FSDP average gradients over ranks); minus ``entropy_coeff`` times the aggregated
     entropy, plus ``kl_loss_coef`` times the KL loss when ``use_kl_loss``, as ``ppo_loss``.
-    Returns ``(loss, metrics)`` with verl's metric names plus ``actor/hapo/*``.
+    All of it in float32 whatever the engine's dtype (the casts are differentiable). With
+    ``hapo_alpha = hapo_beta = 0`` this is verl's vanilla ``ppo_loss``.
+    Returns ``(loss, metrics)`` with verl's metric names (``actor/pg_loss``,
+    ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``,
+    ``actor/entropy_loss``, ``kl_loss``) plus ``actor/hapo/*``.
     """
     from verl.utils.metric import AggregationType, Metric
     from verl.workers.utils.padding import no_padding_2_padding
