@@ -1040,3 +1040,24 @@ def test_statistics_board_without_ray_is_a_no_op():
     stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
     assert verl_rollout.publish_entropy_stats(stats) is False
     assert verl_rollout.latest_entropy_stats() is None
+
+
+def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
+    """Megatron (and the other backends) under the hapo vendor key, and verl's fused kernels
+    or padded inputs, raise instead of silently losing the exact entropy."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine import EngineRegistry
+
+    from hapo_ops.integrations import verl_engine
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
+    cls = EngineRegistry.get_engine_cls("language_model", "megatron")
+    assert cls is verl_engine.HAPOUnsupportedEngine
+    with pytest.raises(NotImplementedError, match="Megatron"):
+        cls()
+    for flags, match in (({"use_fused_kernels": True}, "use_fused_kernels"),
+                         ({"use_remove_padding": False}, "use_remove_padding")):
+        td = tu.get_tensordict({"input_ids": torch.zeros(2, 3)}, non_tensor_dict=flags)
+        with pytest.raises(NotImplementedError, match=match):
+            verl_engine.HAPOFSDPEngineWithLMHead.prepare_model_inputs(None, td)

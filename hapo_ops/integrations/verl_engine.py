@@ -48,7 +48,7 @@ try:
     from verl.utils import tensordict_utils as tu
     from verl.utils import torch_functional as verl_F
     from verl.utils.ulysses import ulysses_pad_and_slice_inputs
-    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.base import BaseEngine, EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
     from verl.workers.engine.utils import pad_packed_inputs
     from verl.workers.utils.padding import no_padding_2_padding
@@ -237,8 +237,25 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return model_output
 
 
+@EngineRegistry.register(model_type="language_model", backend=["megatron", "veomni", "torchtitan"],
+                         device=["cuda", "npu"], vendor=ENGINE_VENDOR)
+class HAPOUnsupportedEngine(BaseEngine):
+    """Stands where ``VERL_ENGINE_VENDOR=hapo`` meets a backend HAPO's engine does not cover,
+    so that verl does not fall back silently to its own engine (and the exact entropy and
+    per-token temperature are not lost without a word)."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError(
+            "HAPO's verl engine (VERL_ENGINE_VENDOR=hapo) exists for the fsdp/fsdp2 strategies "
+            "only. For Megatron it would be the same subclass of verl's Megatron engine, with "
+            "the per-token entropy and log-probs from the tensor-parallel vocabulary shards "
+            "(hapo_ops.vocab_parallel_logprobs_and_entropy) on the last pipeline stage; use "
+            "actor_rollout_ref.actor.strategy=fsdp2 or unset VERL_ENGINE_VENDOR")
+
+
 __all__ = [
     "ENGINE_VENDOR",
+    "HAPOUnsupportedEngine",
     "HAPOFSDPEngineWithLMHead",
     "ROLLOUT_STATS_FIELDS",
     "ROLLOUT_STATS_KEY",
