@@ -1,35 +1,40 @@
-"""HAPO in verl (0.9.x): advantage estimators, the whole actor loss, and a trainer mode.
+"""HAPO in verl (0.9.x): advantage estimators and the whole actor loss, by configuration.
 
 Source: HAPO, arXiv 2509.16591. Read against verl 0.9.1 (``verl.trainer.ppo.core_algos``,
 ``verl.workers.utils.losses.ppo_loss``, ``verl.workers.engine_workers``,
-``verl.trainer.ppo.v1``).
+``verl.trainer.distillation.losses``).
 
 This module is published as an entry point of verl's plugin group ``verl.plugins``, so
 ``import verl`` loads it in every process (driver, task runner, every Ray worker) and it
-registers, in verl's own registries:
+registers, in verl's own registries and hooks:
 
 - advantage estimators ``"hapo_tlga"`` (token-level group average, paper variant) and
   ``"hapo_tlga_released"`` (the public reference code's fallback test), selected with
   ``algorithm.adv_estimator=hapo_tlga``;
-- trainer modes ``"hapo_<mode>"`` for every v1 trainer mode (``hapo_sync``,
-  ``hapo_colocate_async``, ``hapo_separate_async``): the same trainer, with
-  :func:`hapo_loss` installed as the actor loss right after the workers are built. The
-  v1 trainer package is heavy (Ray actors, TransferQueue), so it is not imported here:
-  the modes are registered the moment verl itself imports ``verl.trainer.ppo.v1``.
+- the actor loss. verl has no configuration key for a whole custom actor loss: its actor
+  worker binds the module-level function ``ppo_loss`` (``engine_workers.init_model``) right
+  after it has built the actor configuration. The plugin puts :func:`dispatch_ppo_loss` in
+  that place (in ``verl.workers.utils.losses`` and in every loaded module that imported
+  verl's function, e.g. ``engine_workers`` and the distillation loss), which runs
+  :func:`hapo_loss` when ``actor.policy_loss`` is a :class:`HAPOPolicyLossConfig` and verl's
+  own ``ppo_loss`` otherwise. So
+  ``actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig``
+  alone selects the HAPO loss in every trainer mode (``sync``, ``colocate_async``,
+  ``separate_async``), and distillation, which calls ``ppo_loss`` for its policy term,
+  composes with it. Building a :class:`HAPOPolicyLossConfig` installs the dispatcher too (so
+  a worker that skipped the plugin still gets it) and raises if it cannot.
 
-:func:`hapo_loss` is the whole HAPO actor loss in the shape of verl's
-``set_loss_fn(loss_fn(config, model_output, data, dp_group))``; its hyperparameters live
-in :class:`HAPOPolicyLossConfig`, a subclass of verl's ``PolicyLossConfig`` selected with
-``actor_rollout_ref.actor.policy_loss._target_=hapo_ops.integrations.verl.HAPOPolicyLossConfig``.
+verl loads plugins inside ``try/except`` and logs failures at debug level only; a failure
+here is logged at ERROR level before it propagates, so a broken install is visible.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
+import inspect
+import logging
+import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional
 
 import numpy as np
@@ -41,12 +46,16 @@ from hapo_ops._utils.validation import check_choice, check_float
 try:
     from verl.trainer.ppo import core_algos
     from verl.workers.config import PolicyLossConfig
+    from verl.workers.utils import losses as verl_losses
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("hapo_ops.integrations.verl needs verl: pip install 'hapo-ops[verl]'") from exc
 
+logger = logging.getLogger(__name__)
+
 ESTIMATORS = {"hapo_tlga": "paper", "hapo_tlga_released": "released"}
-TRAINER_PREFIX = "hapo_"
-_V1_PACKAGE = "verl.trainer.ppo.v1"
+# verl's own actor loss, found through ``__wrapped__`` if this module is reloaded after the
+# dispatcher replaced it.
+VERL_PPO_LOSS = inspect.unwrap(verl_losses.ppo_loss)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -150,6 +159,8 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     hapo_stats_scope: "dp" pools the entropy statistics of each micro-batch over the
       data-parallel ranks (exact, collective), "local" uses this rank's micro-batch only.
     hapo_entropy_eps: floor of H before the log.
+    hapo_tau: adaptive temperature strength τ of the rollout, |τ| < 1 (read by the HAPO
+      agent-loop manager, :mod:`hapo_ops.integrations.verl_rollout`; unused by the loss).
     """
 
     hapo_variant: str = "paper"
@@ -158,6 +169,7 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     hapo_quantile: float = 0.8
     hapo_stats_scope: str = "dp"
     hapo_entropy_eps: float = 1e-8
+    hapo_tau: float = 0.05
 
     def __post_init__(self) -> None:
         check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
@@ -166,15 +178,19 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
         check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
         check_choice("hapo_stats_scope", self.hapo_stats_scope, ("dp", "local"))
         check_float("hapo_entropy_eps", self.hapo_entropy_eps, min_value=0.0, min_inclusive=False)
-
-
-_DEFAULT_HAPO = HAPOPolicyLossConfig()
+        check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
+                    max_inclusive=False)
+        if self.loss_mode != "vanilla":
+            raise ValueError("HAPOPolicyLossConfig replaces the whole policy loss: loss_mode must "
+                             f"stay 'vanilla', got {self.loss_mode!r}")
+        # the actor worker builds this config right before it binds its loss function
+        install_loss_dispatcher()
 
 
 def _hapo_param(policy_loss: Any, name: str) -> Any:
     """A HAPO field of ``actor.policy_loss`` (a HAPOPolicyLossConfig, or any mapping with
     ``hapo_*`` keys); the class default where it is absent."""
-    return _config_value(policy_loss, name, getattr(_DEFAULT_HAPO, name))
+    return _config_value(policy_loss, name, HAPOPolicyLossConfig.__dataclass_fields__[name].default)
 
 
 # --------------------------------------------------------------------------- actor loss
@@ -205,7 +221,11 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
     over verl's global counts and multiplied by ``dp_size``, as verl's ``agg_loss`` does
     (DDP/FSDP average gradients over ranks); minus ``entropy_coeff`` times the aggregated
     entropy, plus ``kl_loss_coef`` times the KL loss when ``use_kl_loss``, as ``ppo_loss``.
-    Returns ``(loss, metrics)`` with verl's metric names plus ``actor/hapo/*``.
+    All of it in float32 whatever the engine's dtype (the casts are differentiable). With
+    ``hapo_alpha = hapo_beta = 0`` this is verl's vanilla ``ppo_loss``.
+    Returns ``(loss, metrics)`` with verl's metric names (``actor/pg_loss``,
+    ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``,
+    ``actor/entropy_loss``, ``kl_loss``) plus ``actor/hapo/*``.
     """
     from verl.utils.metric import AggregationType, Metric
     from verl.workers.utils.padding import no_padding_2_padding
@@ -215,8 +235,10 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
         raise ValueError("hapo_loss needs the per-token entropy: set "
                          "actor_rollout_ref.actor.calculate_entropy=True")
     _policy_rollout_correction_check(config)
-    log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    entropy = no_padding_2_padding(entropy, data)
+    # The loss math is float32 whatever the engine hands over (bf16 under FSDP mixed
+    # precision): the casts are differentiable, gradients flow back in the input dtype.
+    log_prob = no_padding_2_padding(model_output["log_probs"], data).float()
+    entropy = no_padding_2_padding(entropy, data).float()
 
     dp_size = data["dp_size"]
     batch_num_tokens = data["batch_num_tokens"]
@@ -238,8 +260,8 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
             fields.append(optional)
     padded = data.select(*fields).to_padded_tensor()
     response_mask = padded["response_mask"].to(torch.bool)
-    old_log_prob = padded["old_log_probs"].to(log_prob.dtype)
-    advantages = padded["advantages"]
+    old_log_prob = padded["old_log_probs"].float()
+    advantages = padded["advantages"].float()
     weights = padded.get("rollout_is_weights", None)
 
     policy_loss_cfg = config.policy_loss
@@ -258,29 +280,37 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
     mode = config.loss_agg_mode
     agg_kwargs = _aggregation_kwargs(mode, response_mask, batch_num_tokens, global_batch_size,
                                      config.loss_scale_factor)
+    clip_ratio_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    clip_ratio_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
     out = hapo_ops.hapo_policy_loss(
         log_prob, old_log_prob, advantages, entropy, response_mask, stats=stats, variant=variant,
-        eps_low=float(config.clip_ratio_low), eps_high=float(config.clip_ratio_high),
+        eps_low=float(clip_ratio_low), eps_high=float(clip_ratio_high),
         alpha=float(_hapo_param(policy_loss_cfg, "hapo_alpha")),
         beta=float(_hapo_param(policy_loss_cfg, "hapo_beta")), quantile=quantile,
         dual_clip=float(config.clip_ratio_c), agg=mode, entropy_eps=entropy_eps, **agg_kwargs)
     pg_loss = out.loss
     if weights is not None:
-        pg_loss = hapo_ops.aggregate_loss(out.per_token * weights.detach().to(out.per_token.dtype),
+        pg_loss = hapo_ops.aggregate_loss(out.per_token * weights.detach().float(),
                                           response_mask, mode, **agg_kwargs)
     pg_loss = pg_loss * dp_size
 
     with torch.no_grad():
         h_hat = hapo_ops.normalized_entropy(entropy.detach(), stats, variant=variant,
                                             eps=entropy_eps)
-        h_hat_mean = (h_hat * response_mask).sum() / response_mask.sum().clamp_min(1)
+        n_valid = response_mask.sum().clamp_min(1)
+        h_hat_mean = (h_hat * response_mask).sum() / n_valid
+        # verl's ppo_kl: the mean of -log r (clamped like the loss's ratio), where
+        # approx_kl is the k3 estimator (r - 1) - log r
+        log_ratio = torch.clamp(log_prob.detach() - old_log_prob, -20.0, 20.0)
+        ppo_kl = (-log_ratio * response_mask).sum() / n_valid
     pg_metrics = {
         "actor/pg_clipfrac": (out.clip_frac_low + out.clip_frac_high).item(),
+        "actor/ppo_kl": ppo_kl.item(),
         "actor/pg_clipfrac_lower": out.dual_clip_frac.item(),
-        "actor/ppo_kl": out.approx_kl.item(),
         "actor/hapo/clip_frac_low": out.clip_frac_low.item(),
         "actor/hapo/clip_frac_high": out.clip_frac_high.item(),
         "actor/hapo/dual_clip_frac": out.dual_clip_frac.item(),
+        "actor/hapo/approx_kl": out.approx_kl.item(),
         "actor/hapo/h_hat_mean": h_hat_mean.item(),
         "actor/hapo/pivot": stats.pivot.item(),
     }
@@ -288,14 +318,14 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
     metrics["actor/pg_loss"] = Metric(value=pg_loss.detach().item(), aggregation=metric_aggregation)
     policy_loss = pg_loss
 
-    if config.entropy_coeff != 0:
-        entropy_loss = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask,
-                                           loss_agg_mode=mode, **config.global_batch_info)
-        policy_loss = policy_loss - config.entropy_coeff * entropy_loss
-        metrics["actor/entropy_loss"] = Metric(value=entropy_loss.detach().item(),
-                                               aggregation=metric_aggregation)
+    # verl's own terms, as ppo_loss adds them (the entropy term whenever the entropy is there)
+    entropy_loss = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask,
+                                       loss_agg_mode=mode, **config.global_batch_info)
+    policy_loss = policy_loss - config.entropy_coeff * entropy_loss
+    metrics["actor/entropy_loss"] = Metric(value=entropy_loss.detach().item(),
+                                           aggregation=metric_aggregation)
     if config.use_kl_loss:
-        kld = core_algos.kl_penalty(logprob=log_prob, ref_logprob=padded["ref_log_prob"],
+        kld = core_algos.kl_penalty(logprob=log_prob, ref_logprob=padded["ref_log_prob"].float(),
                                     kl_penalty=config.kl_loss_type)
         kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode,
                                       **config.global_batch_info)
@@ -322,102 +352,73 @@ def _aggregation_kwargs(mode: str, mask: torch.Tensor, batch_num_tokens: Optiona
     return {}
 
 
-def install_hapo_loss(actor_rollout_wg: Any, actor_config: Any) -> None:
-    """Make :func:`hapo_loss` the actor loss of a built actor worker group.
+# --------------------------------------------------------------------------- the loss hook
 
-    ``actor_rollout_wg``: the trainer's ``actor_rollout_wg`` (after its ``init_model``);
-    ``actor_config``: the actor section as a dataclass (``omega_conf_to_dataclass(
-    config.actor_rollout_ref.actor)``). Each worker receives its own copy of the config.
+
+def dispatch_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
+                      ) -> tuple[torch.Tensor, dict]:
+    """verl's ``ppo_loss`` with HAPO selectable by configuration.
+
+    :func:`hapo_loss` when ``config.policy_loss`` is a :class:`HAPOPolicyLossConfig`, verl's
+    own ``ppo_loss`` (``VERL_PPO_LOSS``) otherwise, with the same arguments and results.
     """
-    actor_rollout_wg.set_loss_fn(partial(hapo_loss, config=actor_config))
+    if isinstance(getattr(config, "policy_loss", None), HAPOPolicyLossConfig):
+        return hapo_loss(config, model_output, data, dp_group)
+    return VERL_PPO_LOSS(config, model_output, data, dp_group)
 
 
-# --------------------------------------------------------------------------- trainer modes
+dispatch_ppo_loss.__wrapped__ = VERL_PPO_LOSS
 
 
-def register_trainers() -> list[str]:
-    """Register ``hapo_<mode>`` for every v1 trainer mode now registered (idempotent).
+def install_loss_dispatcher() -> list[str]:
+    """Put :func:`dispatch_ppo_loss` where verl's ``ppo_loss`` is looked up (idempotent).
 
-    Each is a subclass of the mode's trainer whose ``on_init_end`` first installs
-    :func:`hapo_loss` in the actor workers (then runs the base hook). Imports
-    ``verl.trainer.ppo.v1``. Returns the registered names.
+    verl's ``verl.workers.utils.losses.ppo_loss`` is replaced, so every later
+    ``from verl.workers.utils.losses import ppo_loss`` binds the dispatcher, and so is every
+    module already loaded that bound verl's function under that name (``engine_workers``,
+    ``trainer.distillation.losses``, recipes). Returns the names of those modules.
+
+    Raises RuntimeError when verl's actor worker is loaded but does not look the loss up as
+    ``ppo_loss`` (a verl this module was not written for): the HAPO configuration would
+    otherwise be ignored silently.
     """
-    from verl.trainer.ppo.v1 import trainer_base
-    from verl.utils.config import omega_conf_to_dataclass
-
-    names = []
-    for mode, base in list(trainer_base.TRAINER_REGISTRY.items()):
-        if mode.startswith(TRAINER_PREFIX):
+    patched = []
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if namespace is None or name == __name__:
             continue
-        name = TRAINER_PREFIX + mode
-        existing = trainer_base.TRAINER_REGISTRY.get(name)
-        if existing is not None and getattr(existing, "_hapo_base", None) is base:
-            names.append(name)
-            continue
-
-        def on_init_end(self, _base=base):
-            install_hapo_loss(self.actor_rollout_wg,
-                              omega_conf_to_dataclass(self.config.actor_rollout_ref.actor))
-            _base.on_init_end(self)
-
-        cls = type(f"HAPO{base.__name__}", (base,), {
-            "on_init_end": on_init_end, "_hapo_base": base, "__module__": __name__,
-            "__doc__": f"verl's {mode!r} trainer with hapo_ops' HAPO actor loss."})
-        globals()[cls.__name__] = cls  # importable by name (pickling)
-        trainer_base.TRAINER_REGISTRY.pop(name, None)
-        trainer_base.register_trainer(name)(cls)
-        names.append(name)
-    return names
-
-
-class _RegisterTrainersAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs :func:`register_trainers` once verl has imported ``verl.trainer.ppo.v1``.
-
-    Only that one module name is intercepted; its import is delegated to the regular finders
-    and the registration runs after the package body (all built-in modes registered)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _V1_PACKAGE:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return None
-        self._inner = spec.loader
-        spec.loader = self
-        return spec
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module):
-        self._inner.exec_module(module)
-        _remove_import_hook()
-        register_trainers()
-
-
-def _remove_import_hook() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterTrainersAfterImport)]
-
-
-def _install_trainer_registration() -> None:
-    if _V1_PACKAGE in sys.modules:
-        try:
-            register_trainers()
-        except ImportError:  # pragma: no cover - partial verl installs
-            pass
-        return
-    _remove_import_hook()
-    sys.meta_path.insert(0, _RegisterTrainersAfterImport())
+        bound = namespace.get("ppo_loss", None)
+        if bound is dispatch_ppo_loss:
+            patched.append(name)
+        elif bound is not None and inspect.unwrap(bound) is VERL_PPO_LOSS:
+            namespace["ppo_loss"] = dispatch_ppo_loss
+            patched.append(name)
+    workers = sys.modules.get("verl.workers.engine_workers")
+    if verl_losses.ppo_loss is not dispatch_ppo_loss or (
+            workers is not None and vars(workers).get("ppo_loss") is not dispatch_ppo_loss):
+        raise RuntimeError(
+            "hapo_ops could not install its actor loss in verl: verl's actor worker does not "
+            "bind verl.workers.utils.losses.ppo_loss (hapo_ops supports verl 0.9.x); "
+            "HAPOPolicyLossConfig would be ignored")
+    return sorted(patched)
 
 
 def register() -> None:
-    """Everything the plugin registers: estimators now, trainer modes with the v1 package."""
-    register_advantage_estimators()
-    _install_trainer_registration()
+    """Everything the plugin registers: the estimators and the loss dispatcher.
+
+    A failure is logged at ERROR level (verl's plugin loader would log it at debug level
+    only) and raised.
+    """
+    try:
+        register_advantage_estimators()
+        install_loss_dispatcher()
+    except Exception:
+        logger.error("hapo_ops: registering HAPO with verl failed; the HAPO estimators and "
+                     "loss are NOT available", exc_info=True)
+        raise
+    if os.environ.get("VERL_ENGINE_VENDOR", "") == "hapo":
+        # this process builds its language-model engine from the vendor key "hapo"
+        from hapo_ops.integrations import verl_engine  # noqa: F401  (registers the engine)
 
 
 register()
@@ -425,12 +426,13 @@ register()
 __all__ = [
     "ESTIMATORS",
     "HAPOPolicyLossConfig",
+    "VERL_PPO_LOSS",
     "compute_hapo_tlga_advantage",
     "compute_hapo_tlga_released_advantage",
+    "dispatch_ppo_loss",
     "group_ids_from_index",
     "hapo_loss",
-    "install_hapo_loss",
+    "install_loss_dispatcher",
     "register",
     "register_advantage_estimators",
-    "register_trainers",
 ]
