@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import hapo_ops
-from hapo_ops._utils.validation import check_choice, check_float
+from hapo_ops._utils.validation import VARIANTS, check_choice, check_float
 
 try:
     from verl.trainer.ppo import core_algos
@@ -172,7 +172,7 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     hapo_tau: float = 0.05
 
     def __post_init__(self) -> None:
-        check_choice("hapo_variant", self.hapo_variant, ("paper", "released"))
+        check_choice("hapo_variant", self.hapo_variant, VARIANTS)
         check_float("hapo_alpha", self.hapo_alpha)
         check_float("hapo_beta", self.hapo_beta)
         check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
