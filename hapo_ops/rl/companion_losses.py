@@ -34,8 +34,9 @@ from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_floa
 from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
                                   exclusive_prefix_sum)
 from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
-                             check_policy_inputs, clamped_log_ratio, clipped_surrogate,
-                             masked_advantages, masked_mean, ratio_and_advantages)
+                                check_loss_weights, check_policy_inputs, clamped_log_ratio,
+                                clipped_surrogate, masked_advantages, masked_mean,
+                                ratio_and_advantages)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -45,33 +46,11 @@ _KEY_BITS = 24          # random keys are integers below 2^24: exact in float32
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_weights(weights: torch.Tensor | None, ref: torch.Tensor, valid: torch.Tensor
-                   ) -> torch.Tensor | None:
-    """Detached weights broadcast to the token shape, 0 outside the mask."""
-    if weights is None:
-        return None
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
-    check_same_device("weights", weights, "logprobs", ref)
-    try:
-        torch.broadcast_shapes(weights.shape, ref.shape)
-    except RuntimeError:
-        raise ValueError(f"weights of shape {tuple(weights.shape)} does not broadcast to "
-                         f"{tuple(ref.shape)}") from None
-    if weights.dim() > ref.dim():
-        raise ValueError(f"weights of shape {tuple(weights.shape)} does not broadcast to "
-                         f"{tuple(ref.shape)}")
-    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    return torch.where(valid, weights.detach().to(ref.dtype).expand_as(ref), zero)
-
-
 def _finish(per_token: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None,
             agg: str, num_tokens, num_sequences, normalizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per_token): weights applied, masked positions zeroed, then aggregated."""
-    if weights is not None:
-        per_token = per_token * weights
+    if weights is not None:  # 0 off the mask: NaN weights there must not reach the gradient
+        per_token = per_token * torch.where(valid, weights.to(per_token.dtype), 0.0)
     per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
                                                           device=per_token.device))
     loss = aggregate_loss(per_token, valid, agg, num_tokens=num_tokens,
@@ -284,7 +263,7 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     cov_lower, cov_upper = _check_bounds(cov_bounds)
     _check_randomness(seed, generator)
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
@@ -372,7 +351,7 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                min_inclusive=False, max_value=1.0)
     kl_coef = check_float("kl_coef", kl_coef, min_value=0.0)
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
@@ -441,7 +420,7 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
     eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
     if logprobs.dim() == 0:
         raise ValueError("logprobs must have shape (..., L), got a 0-d tensor")
 
@@ -510,7 +489,7 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
     eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     with torch.no_grad():

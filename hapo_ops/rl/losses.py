@@ -163,15 +163,44 @@ def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         f"got {old_logprobs.dtype}")
     advantages = check_tensor("advantages", advantages, floating=True)
     check_same_device("advantages", advantages, "logprobs", logprobs)
-    if advantages.shape != logprobs.shape:
-        try:
-            advantages = advantages.reshape(advantages.shape + (1,) * (logprobs.dim() - advantages.dim())).expand_as(logprobs)
-        except RuntimeError:
-            raise ValueError(f"advantages must have the shape of logprobs {tuple(logprobs.shape)} "
-                             f"or (B,), got {tuple(advantages.shape)}") from None
+    advantages = per_token_view("advantages", advantages, logprobs)
     valid = check_mask("mask", mask, logprobs.shape)
     check_same_device("mask", valid, "logprobs", logprobs)
     return logprobs, old_logprobs, advantages, valid
+
+
+def per_token_view(name: str, value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` broadcast to the token shape (..., L) of ``ref``, as a view.
+
+    A tensor with one dimension less than ``ref`` holds one value per response, shape
+    (...,), broadcast over the tokens of its response (never along the token axis, even
+    when B == L); a tensor with as many dimensions broadcasts as usual (e.g. (B, 1)); a 0-d
+    tensor applies to every token.
+    """
+    if value.dim() == ref.dim() - 1:
+        value = value.unsqueeze(-1)
+    if value.dim() in (0, ref.dim()):
+        try:
+            return value.expand(ref.shape)
+        except RuntimeError:
+            pass
+    raise ValueError(f"{name} must have the token shape {tuple(ref.shape)} or one value per "
+                     f"response {tuple(ref.shape[:-1])}, got {tuple(value.shape)}")
+
+
+def check_loss_weights(weights: torch.Tensor | None, logprobs: torch.Tensor
+                       ) -> torch.Tensor | None:
+    """Detached per-token weights of a policy loss, broadcast to the token shape: given per
+    token (..., L) or per response (...,), like the advantages; floating point, on the
+    device of ``logprobs``."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    check_same_device("weights", weights, "logprobs", logprobs)
+    return per_token_view("weights", weights.detach(), logprobs)
 
 
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
