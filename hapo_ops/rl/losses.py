@@ -5,6 +5,7 @@ arXiv 1912.09729).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -79,23 +80,35 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
 
     Pass the global ``num_tokens`` / ``num_sequences`` (over every micro-batch and rank of
     the optimizer step, e.g. from ``global_token_count``) and sum the per-micro-batch results:
-    the total is then exactly the full-batch value, however the batch was split. An empty
-    denominator counts as 1, so an all-masked batch gives 0, not NaN.
+    the total is then exactly the full-batch value, however the batch was split.
+
+    A given denominator (number or one-element tensor) must be > 0 and is used as given
+    (see ``given_denominator``: values are checked on the CPU; on an accelerator a 0 gives
+    inf or NaN). A default denominator counted from an empty mask counts as 1, so an
+    all-masked batch gives 0, not NaN.
     """
     per_token = check_tensor("per_token", per_token, floating=True)
     valid = check_mask("mask", mask, per_token.shape)
     check_same_device("mask", valid, "per_token", per_token)
     mode = check_choice("mode", mode, AGGREGATION_MODES)
+    # every given denominator is checked, whether or not this mode uses it
+    given = {name: given_denominator(name, value, per_token) for name, value in
+             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
+              ("normalizer", normalizer)) if value is not None}
     masked = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
                                                        device=per_token.device))
     if mode == "token-sum":
         return masked.sum()
     if mode == "token-mean":
-        denominator = valid.sum() if num_tokens is None else num_tokens
-        return masked.sum() / _positive(denominator, "num_tokens", per_token)
+        denominator = given.get("num_tokens")
+        if denominator is None:
+            denominator = _default_denominator(valid.sum(), per_token)
+        return masked.sum() / denominator
     if mode == "seq-mean-token-sum-norm":
-        denominator = per_token.shape[-1] if normalizer is None else normalizer
-        return masked.sum() / _positive(denominator, "normalizer", per_token)
+        denominator = given.get("normalizer")
+        if denominator is None:
+            denominator = _default_denominator(per_token.shape[-1], per_token)
+        return masked.sum() / denominator
     if per_token.dim() != 2:
         raise ValueError(f"per_token must have shape (B, L) for mode {mode!r}, "
                          f"got {tuple(per_token.shape)}")
@@ -103,8 +116,37 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     lengths = valid.sum(-1)
     if mode == "seq-mean-token-mean":
         row_sums = row_sums / lengths.clamp_min(1).to(row_sums.dtype)
-    denominator = (lengths > 0).sum() if num_sequences is None else num_sequences
-    return row_sums.sum() / _positive(denominator, "num_sequences", per_token)
+    denominator = given.get("num_sequences")
+    if denominator is None:
+        denominator = _default_denominator((lengths > 0).sum(), per_token)
+    return row_sums.sum() / denominator
+
+
+def given_denominator(name: str, value: float | torch.Tensor, ref: torch.Tensor
+                      ) -> torch.Tensor:
+    """A denominator given by the caller, as a 0-d tensor of ``ref``'s dtype and device.
+
+    It must be a finite number > 0 and is used as given (0.5 halves nothing away, 0 is an
+    error, never raised to 1). A one-element tensor is checked on the CPU (outside
+    ``torch.compile``); on an accelerator its value is not read (no host sync): a
+    denominator of 0 there gives an inf or NaN loss, a negative one flips its sign.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got dtype "
+                            f"{value.dtype} and shape {tuple(value.shape)}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            number = float(value)
+            if not (math.isfinite(number) and number > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {number}")
+        return value.reshape(()).to(device=ref.device, dtype=ref.dtype)
+    value = check_float(name, value, min_value=0.0, min_inclusive=False)
+    return torch.tensor(value, dtype=ref.dtype, device=ref.device)
+
+
+def _default_denominator(count: int | torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A count from the mask, at least 1: nothing valid gives a loss of 0, not NaN."""
+    return torch.as_tensor(count, device=ref.device).clamp_min(1).to(ref.dtype)
 
 
 def global_token_count(mask: torch.Tensor | Sequence[torch.Tensor],
@@ -135,13 +177,6 @@ def _count(mask, count_one) -> torch.Tensor:
         raise ValueError("mask must be a tensor or a non-empty sequence of tensors, got none")
     counts = [count_one(check_mask("mask", m, allow_empty=True)) for m in masks]
     return torch.stack([c.to(counts[0].device) for c in counts]).sum()
-
-
-def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -> torch.Tensor:
-    if isinstance(denominator, torch.Tensor):
-        return denominator.to(device=ref.device, dtype=ref.dtype).clamp_min(1.0)
-    value = check_float(name, denominator, min_value=0.0)
-    return torch.tensor(max(value, 1.0), dtype=ref.dtype, device=ref.device)
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
