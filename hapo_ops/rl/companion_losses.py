@@ -29,14 +29,13 @@ from typing import Sequence
 import torch
 
 from hapo_ops._utils.selection import kth_smallest
-from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
-                                  check_float_or_tensor, check_same_device)
+from hapo_ops._utils.validation import ScalarOrTensor, check_choice, check_float
 from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
                                   exclusive_prefix_sum)
 from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
-                                check_loss_weights, check_policy_inputs, clamped_log_ratio,
-                                clipped_surrogate, masked_advantages, masked_mean,
-                                ratio_and_advantages)
+                                check_clip_eps, check_loss_weights, check_policy_inputs,
+                                clamped_log_ratio, clipped_surrogate, masked_advantages,
+                                masked_mean, ratio_and_advantages)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -233,7 +232,8 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       mask: 1 = valid token.
       cov_fraction: in (0, 1], the fraction of valid tokens to cut.
       cov_bounds: (c_lb, c_ub), c_lb < c_ub.
-      eps_low, eps_high: ratio clip ε (≥ 0), floats or per-token tensors.
+      eps_low, eps_high: ratio clip ε (≥ 0; ε_low ≤ 1, the default 1 being no lower
+        clip), floats or per-token tensors.
       seed / generator: randomness of the choice (exactly one).
       weights: optional per-token weights on ℓ (detached).
       log_ratio_clamp: bound on |log r| before exp.
@@ -256,8 +256,8 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True, allow_one=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
                                min_inclusive=False, max_value=1.0)
     cov_lower, cov_upper = _check_bounds(cov_bounds)
@@ -417,8 +417,8 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
     weights = check_loss_weights(weights, logprobs)
     if logprobs.dim() == 0:
@@ -486,8 +486,8 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     if eps_low is not None:
-        eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+        eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
     weights = check_loss_weights(weights, logprobs)
 

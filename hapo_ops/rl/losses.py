@@ -45,6 +45,27 @@ class PolicyLossOutput(NamedTuple):
     selected_frac: torch.Tensor
 
 
+def check_clip_eps(name: str, value: object, ref: torch.Tensor, *, lower: bool,
+                   allow_one: bool = False) -> ScalarOrTensor:
+    """A ratio-clip ε: a float or a tensor broadcastable to ``ref``, ε ≥ 0; for the lower
+    side (``lower=True``) also ε < 1, so that the lower ratio bound 1 - ε is positive
+    (ε = 1, a bound of 0, i.e. no lower clip, only with ``allow_one``). Tensor values are
+    checked on the CPU only (no host sync on accelerators, none under ``torch.compile``)."""
+    value = check_float_or_tensor(name, value, ref)
+    if not lower:
+        return value
+    limit = "<= 1" if allow_one else "< 1"
+    if isinstance(value, torch.Tensor):
+        if (value.device.type == "cpu" and value.numel() and not torch.compiler.is_compiling()
+                and bool((value > 1.0).any() if allow_one else (value >= 1.0).any())):
+            raise ValueError(f"{name} must be {limit} everywhere (1 - {name} is the lower ratio "
+                             f"bound), got a maximum of {float(value.max())}")
+    elif value > 1.0 or (value == 1.0 and not allow_one):
+        raise ValueError(f"{name} must be {limit} (1 - {name} is the lower ratio bound), "
+                         f"got {value}")
+    return value
+
+
 def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
                          eps_high: ScalarOrTensor = 0.2, alpha: float = 1.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,12 +74,14 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
     ε_low' = ε_low·(1 - α·ĥ) where ĥ ≤ 0, else ε_low;
     ε_high' = ε_high·(1 + α·ĥ) where ĥ > 0, else ε_high.
     Low-entropy tokens may fall further, high-entropy tokens rise further; with ĥ ∈ [-1, 1]
-    and α ≥ 0 the bounds only widen.
+    and α ≥ 0 the bounds only widen. Requires 0 ≤ ε_low < 1, ε_high ≥ 0 and α ≥ 0 (a
+    ValueError otherwise); the widened ε_low' may reach 1 or more, which only removes the
+    lower clip of those tokens (r > 0 ≥ 1 - ε_low').
     """
     h_hat = check_tensor("h_hat", h_hat, floating=True)
-    eps_low = check_float_or_tensor("eps_low", eps_low, h_hat)
-    eps_high = check_float_or_tensor("eps_high", eps_high, h_hat)
-    alpha = check_float("alpha", alpha)
+    eps_low = check_clip_eps("eps_low", eps_low, h_hat, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, h_hat, lower=False)
+    alpha = check_float("alpha", alpha, min_value=0.0)
     ones = torch.ones_like(h_hat)
     low = eps_low * torch.where(h_hat <= 0, 1.0 - alpha * h_hat, ones)
     high = eps_high * torch.where(h_hat > 0, 1.0 + alpha * h_hat, ones)
@@ -290,8 +313,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     if dual_clip is not None:
         dual_clip = check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
