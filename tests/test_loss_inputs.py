@@ -234,7 +234,7 @@ def test_gspo_clip_band_survives_bf16_inputs():
     old = torch.full((2, 4), -0.015625, dtype=torch.bfloat16)        # -2^-6, exact
     step = torch.tensor(2.0 ** -11, dtype=torch.bfloat16)            # 4.9e-4: above ε_high
     lp = (old + step).to(torch.bfloat16)
-    assert float(lp.float() - old.float()) == pytest.approx(2.0 ** -11)
+    assert torch.all(lp.float() - old.float() == 2.0 ** -11)
     adv = torch.tensor([1.0, 1.0], dtype=torch.bfloat16)
     mask = torch.ones(2, 4, dtype=torch.bool)
     out16 = gspo_policy_loss(lp, old, adv, mask)

@@ -3,8 +3,9 @@
 Each returns :class:`hapo_ops.rl.losses.PolicyLossOutput` and aggregates like
 :func:`hapo_ops.rl.losses.clipped_policy_loss` (``agg``, ``num_tokens``, ``num_sequences``,
 ``normalizer``); masked positions give ℓ = 0 and zero gradient whatever they hold. Every
-loss also takes ``weights`` (per-token, detached; e.g. from ``rollout_correction``) that
-multiply the per-token loss after clipping and selection.
+loss also takes ``weights`` (per token (..., L) or per response (...,), detached; e.g. from
+``rollout_correction``) that multiply the per-token loss after clipping and selection, and
+computes in float32 whatever the input dtype (float64 stays float64).
 
 Clip-Cov and KL-Cov (Cui et al., *The Entropy Mechanism of Reinforcement Learning for
 Reasoning Language Models*, arXiv 2505.22617) act on the few tokens whose centred
@@ -35,7 +36,7 @@ from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_pro
 from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
                                 check_clip_eps, check_loss_weights, check_policy_inputs,
                                 clamped_log_ratio, clipped_surrogate, masked_advantages,
-                                masked_mean, ratio_and_advantages)
+                                loss_dtype, masked_mean, ratio_and_advantages)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -235,7 +236,7 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       eps_low, eps_high: ratio clip ε (≥ 0; ε_low ≤ 1, the default 1 being no lower
         clip), floats or per-token tensors.
       seed / generator: randomness of the choice (exactly one).
-      weights: optional per-token weights on ℓ (detached).
+      weights: optional weights on ℓ, per token or per response (detached).
       log_ratio_clamp: bound on |log r| before exp.
       agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
       group: data-parallel process group (means, n and the choice over all ranks).
@@ -265,7 +266,8 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
     weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
                                                  log_ratio_clamp)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
@@ -326,7 +328,7 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       mask: 1 = valid token.
       cov_fraction: in (0, 1].
       kl_coef: β ≥ 0.
-      weights: optional per-token weights on ℓ (detached).
+      weights: optional weights on ℓ, per token or per response (detached).
       log_ratio_clamp: bound on |log r| (the ratio and the penalty).
       agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
       group: data-parallel process group (means, n and the top-k over all ranks).
@@ -353,7 +355,8 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
     weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
                                                  log_ratio_clamp)
     with torch.no_grad():
@@ -424,14 +427,15 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     if logprobs.dim() == 0:
         raise ValueError("logprobs must have shape (..., L), got a 0-d tensor")
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    lengths = valid.sum(-1, keepdim=True).clamp_min(1).to(logprobs.dtype)
+    lengths = valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
     sequence_log_ratio = log_ratio.sum(-1, keepdim=True).detach() / lengths
-    logp = torch.where(valid, logprobs, zero)
+    logp = torch.where(valid, logprobs.to(dtype), zero)
     # Value s_i exactly (logp - sg(logp) is 0), gradient s_i · ∇log π_t.
     ratio = torch.exp((logp - logp.detach()) + sequence_log_ratio)
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
+    adv = masked_advantages(advantages, valid, dtype)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
@@ -491,7 +495,8 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
     weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     with torch.no_grad():
         log_ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
                                       log_ratio_clamp)
@@ -503,8 +508,8 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         if lower is not None:
             weight = torch.maximum(weight, torch.as_tensor(lower, dtype=ratio.dtype,
                                                            device=ratio.device))
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
-    per_token = -weight * adv * torch.where(valid, logprobs, zero)
+    adv = masked_advantages(advantages, valid, dtype)
+    per_token = -weight * adv * torch.where(valid, logprobs.to(dtype), zero)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)
     with torch.no_grad():

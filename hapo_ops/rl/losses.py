@@ -82,9 +82,15 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
     eps_low = check_clip_eps("eps_low", eps_low, h_hat, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, h_hat, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
-    ones = torch.ones_like(h_hat)
-    low = eps_low * torch.where(h_hat <= 0, 1.0 - alpha * h_hat, ones)
-    high = eps_high * torch.where(h_hat > 0, 1.0 + alpha * h_hat, ones)
+    return _widened_eps(h_hat, eps_low, eps_high, alpha)
+
+
+def _widened_eps(h_hat: torch.Tensor, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
+                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_low', ε_high') = (ε_low·(1 - α·min(ĥ, 0)), ε_high·(1 + α·max(ĥ, 0))), the
+    where-form above in three passes each."""
+    low = h_hat.clamp(max=0.0).mul_(-alpha).add_(1.0).mul_(eps_low)
+    high = h_hat.clamp(min=0.0).mul_(alpha).add_(1.0).mul_(eps_high)
     return low, high
 
 
@@ -114,35 +120,55 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     valid = check_mask("mask", mask, per_token.shape)
     check_same_device("mask", valid, "per_token", per_token)
     mode = check_choice("mode", mode, AGGREGATION_MODES)
-    # every given denominator is checked, whether or not this mode uses it
-    given = {name: given_denominator(name, value, per_token) for name, value in
-             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
-              ("normalizer", normalizer)) if value is not None}
+    scale = aggregation_scale(valid, mode, per_token.dtype, num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
     masked = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
                                                        device=per_token.device))
+    return scaled_sum(masked, scale)
+
+
+def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
+                      num_tokens: float | torch.Tensor | None = None,
+                      num_sequences: float | torch.Tensor | None = None,
+                      normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The factor s with ``aggregate_loss`` = Σ_t m·ℓ·s (see there for the modes): a 0-d
+    tensor, or one per response, shape (B, 1), for seq-mean-token-mean (1 / (L_i·N_seq)).
+    Every given denominator is checked (``given_denominator``), whether or not ``mode``
+    uses it. It is also ∂loss/∂ℓ, the upstream gradient of every valid token."""
+    mode = check_choice("mode", mode, AGGREGATION_MODES)
+    ref = torch.empty((), dtype=dtype, device=valid.device)
+    given = {name: given_denominator(name, value, ref) for name, value in
+             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
+              ("normalizer", normalizer)) if value is not None}
     if mode == "token-sum":
-        return masked.sum()
+        return torch.ones((), dtype=dtype, device=valid.device)
     if mode == "token-mean":
         denominator = given.get("num_tokens")
         if denominator is None:
-            denominator = _default_denominator(valid.sum(), per_token)
-        return masked.sum() / denominator
+            denominator = _default_denominator(valid.sum(), ref)
+        return denominator.reciprocal()
     if mode == "seq-mean-token-sum-norm":
         denominator = given.get("normalizer")
         if denominator is None:
-            denominator = _default_denominator(per_token.shape[-1], per_token)
-        return masked.sum() / denominator
-    if per_token.dim() != 2:
+            denominator = _default_denominator(valid.shape[-1] if valid.dim() else 1, ref)
+        return denominator.reciprocal()
+    if valid.dim() != 2:
         raise ValueError(f"per_token must have shape (B, L) for mode {mode!r}, "
-                         f"got {tuple(per_token.shape)}")
-    row_sums = masked.sum(-1)
-    lengths = valid.sum(-1)
-    if mode == "seq-mean-token-mean":
-        row_sums = row_sums / lengths.clamp_min(1).to(row_sums.dtype)
+                         f"got {tuple(valid.shape)}")
+    lengths = valid.sum(-1, keepdim=True)
     denominator = given.get("num_sequences")
     if denominator is None:
-        denominator = _default_denominator((lengths > 0).sum(), per_token)
-    return row_sums.sum() / denominator
+        denominator = _default_denominator((lengths > 0).sum(), ref)
+    if mode == "seq-mean-token-sum":
+        return denominator.reciprocal()
+    return (lengths.clamp_min(1).to(dtype) * denominator).reciprocal()
+
+
+def scaled_sum(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Σ values·scale for a scale from ``aggregation_scale`` (0-d, or (B, 1) per row)."""
+    if scale.dim() == 0:
+        return values.sum() * scale
+    return (values.sum(-1, keepdim=True) * scale).sum()
 
 
 def given_denominator(name: str, value: float | torch.Tensor, ref: torch.Tensor
@@ -261,11 +287,20 @@ def check_loss_weights(weights: torch.Tensor | None, logprobs: torch.Tensor
     return per_token_view("weights", weights.detach(), logprobs)
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a policy loss computes and returns in: float32 for 16-bit log-probs (a
+    ratio near 1 needs more than 8 or 11 bits: GSPO's ε of 3e-4 is below bf16 resolution),
+    float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
                       log_ratio_clamp: float) -> torch.Tensor:
-    """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = torch.where(valid, logprobs - old_logprobs, zero)
+    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype (differentiable), 0 at
+    masked positions (whatever they hold)."""
+    dtype = loss_dtype(logprobs.dtype)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), zero)
     return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
 
 
@@ -279,10 +314,12 @@ def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
 def ratio_and_advantages(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          advantages: torch.Tensor, valid: torch.Tensor, log_ratio_clamp: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log r, r, A) of a policy loss: the clamped log-ratio, r = exp(log r) and the masked,
-    detached advantages, all 0-safe at masked positions."""
+    """(log r, r, A) of a policy loss in the loss dtype: the clamped log-ratio (with
+    gradient), r = exp(log r) and the masked, detached advantages, all 0-safe at masked
+    positions."""
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    return log_ratio, log_ratio.exp(), masked_advantages(advantages, valid, logprobs.dtype)
+    return (log_ratio, log_ratio.exp(),
+            masked_advantages(advantages, valid, loss_dtype(logprobs.dtype)))
 
 
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrTensor,
@@ -295,10 +332,104 @@ def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrT
     return torch.maximum(unclipped, clipped), unclipped, clipped
 
 
+# ------------------------------------------------------------------ the fused clipped loss
+#
+# On the valid tokens, with q the clipped ratio,
+#   A > 0:  ℓ = max(-A·r, -A·clip(r, 1-ε_low, 1+ε_high)) = -A·min(r, 1+ε_high)
+#   A ≤ 0:  ℓ = -A·max(r, 1-ε_low), and with the dual clip min(ℓ, -A·c) = -A·min(max(r, 1-ε_low), c)
+# so ℓ = -A·q with q = min(r, 1+ε_high) or min(max(r, 1-ε_low), c): one expression. Its
+# derivative in log π is -A·r = ℓ where q = r (the unclipped branch, |log r| inside the
+# log-ratio clamp) and 0 elsewhere; the clip metrics are the signs of q - r. Eager torch
+# needs a pass per operation; torch.compile and a GPU fuse them.
+
+
+def _log_ratio_and_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                         invalid: torch.Tensor, log_ratio_clamp: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(logp - logp_old, ±clamp), its exp) in the loss dtype, no gradient, 0 and 1 at
+    masked positions."""
+    dtype = loss_dtype(logprobs.dtype)
+    with torch.no_grad():
+        log_ratio = torch.sub(logprobs.detach().to(dtype), old_logprobs.detach().to(dtype))
+        log_ratio.masked_fill_(invalid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
+        return log_ratio, log_ratio.exp()
+
+
+class _ClippedPolicyGradient(torch.autograd.Function):
+    """(Σ s·ℓ, ℓ) with ℓ = -coef·q, as functions of the log-probs: ∂ℓ/∂log π = ℓ where
+    ``unclipped`` and 0 elsewhere. Backward is one elementwise product, in the dtype of the
+    log-probs."""
+
+    @staticmethod
+    def forward(ctx, logprobs, coef, clipped_ratio, unclipped, scale):
+        zero = torch.zeros((), dtype=coef.dtype, device=coef.device)
+        per_token = torch.addcmul(zero, coef, clipped_ratio, value=-1.0)
+        derivative = torch.where(unclipped, per_token, zero)
+        ctx.save_for_backward(derivative, scale)
+        ctx.set_materialize_grads(False)
+        ctx.logprobs_dtype = logprobs.dtype
+        return scaled_sum(per_token, scale), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_token):
+        derivative, scale = ctx.saved_tensors
+        upstream = None if grad_loss is None else grad_loss * scale
+        if grad_per_token is not None:
+            upstream = grad_per_token if upstream is None else grad_per_token + upstream
+        if upstream is None:
+            return None, None, None, None, None
+        return (derivative * upstream).to(ctx.logprobs_dtype), None, None, None, None
+
+
+def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Tensor,
+                  log_ratio: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
+                  eps_low: ScalarOrTensor, eps_high: ScalarOrTensor, dual_clip: float | None,
+                  log_ratio_clamp: float, weights: torch.Tensor | None, scale: torch.Tensor
+                  ) -> PolicyLossOutput:
+    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``): the one
+    home of ``clipped_policy_loss`` and ``hapo_policy_loss``."""
+    dtype = ratio.dtype
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=dtype, device=ratio.device)
+        coef = torch.where(valid, advantages.detach().to(dtype), zero)      # A·w, 0 off the mask
+        if weights is not None:
+            coef.mul_(weights)
+        positive = coef > 0
+        cap = math.inf if dual_clip is None else dual_clip
+        tensor_bounds = isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor)
+        if tensor_bounds:
+            lower = 1.0 - torch.as_tensor(eps_low, device=ratio.device).to(dtype)
+            upper = 1.0 + torch.as_tensor(eps_high, device=ratio.device).to(dtype)
+            clipped = torch.where(positive, torch.minimum(ratio, upper),
+                                  torch.maximum(ratio, lower).clamp_(max=cap))
+            clipped.masked_fill_(invalid, 1.0)      # whatever the bounds hold off the mask
+        else:
+            clipped = torch.where(positive, ratio.clamp(max=1.0 + eps_high),
+                                  ratio.clamp(min=1.0 - eps_low, max=cap))
+        held_below = clipped < ratio    # A > 0: the upper clip; A < 0: the dual clip
+        held_above = clipped > ratio    # A < 0: the lower clip
+        negative = coef < 0
+        count = valid.sum().clamp_min(1).to(dtype)
+        clip_frac_high = (held_below & positive).sum().to(dtype) / count
+        clip_frac_low = (held_above & negative).sum().to(dtype) / count
+        dual_clip_frac = (torch.zeros((), dtype=dtype, device=ratio.device) if dual_clip is None
+                          else (held_below & negative).sum().to(dtype) / count)
+        # mean over valid tokens of (r - 1) - log r; masked tokens add exactly 0 (r = 1,
+        # log r = 0). Sums in float64: Σr and N are close, their difference is the metric.
+        kl_sum = (ratio.sum(dtype=torch.float64) - log_ratio.sum(dtype=torch.float64)
+                  - ratio.numel())
+        approx_kl = kl_sum.to(dtype) / count
+        unclipped = (clipped == ratio) & (log_ratio.abs() < log_ratio_clamp)
+    loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, unclipped, scale)
+    return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
+                            dual_clip_frac, torch.zeros_like(clip_frac_low))
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor, *,
                         eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.28,
                         dual_clip: float | None = None, log_ratio_clamp: float = 20.0,
+                        weights: torch.Tensor | None = None,
                         agg: str = "token-mean", num_tokens: float | torch.Tensor | None = None,
                         num_sequences: float | torch.Tensor | None = None,
                         normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
@@ -306,51 +437,80 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
     r = exp(clamp(logp - logp_old, ±log_ratio_clamp)),
     ℓ = max(-A·r, -A·clip(r, 1 - ε_low, 1 + ε_high)),
-    with ``dual_clip`` c > 1 and A < 0: ℓ = min(ℓ, -A·c).
-    ε may be floats or per-token tensors. Masked positions give ℓ = 0 and zero gradient
-    whatever they hold (NaN and inf included). ``agg`` and the denominators go to
-    :func:`aggregate_loss`.
+    with ``dual_clip`` c > 1 and A < 0: ℓ = min(ℓ, -A·c); with ``weights`` w: ℓ·w.
+    Masked positions give ℓ = 0 and zero gradient whatever they hold (NaN and inf included).
+    The math is done in float32 whatever the input dtype (float64 stays float64).
+
+    Args:
+      logprobs: (..., L) float log-probs of the sampled tokens under the current policy
+        (any float dtype; the gradient flows back in that dtype).
+      old_logprobs: same shape and dtype, under the behaviour policy (no gradient).
+      advantages: (..., L) per token, or (...,) one per response (broadcast over its tokens);
+        any float dtype; detached.
+      mask: (..., L) bool or numeric, 1 = valid token.
+      eps_low: ε_low in [0, 1), a float or a tensor broadcastable to (..., L).
+      eps_high: ε_high ≥ 0, a float or a tensor.
+      dual_clip: c > 1, or None for no dual clip.
+      log_ratio_clamp: bound (> 0) on |log r| before exp; a token at or beyond it gets no
+        gradient.
+      weights: optional float weights (..., L) per token or (...,) per response, detached,
+        multiplying ℓ before aggregation (e.g. from ``rollout_correction``).
+      agg, num_tokens, num_sequences, normalizer: the aggregation, see ``aggregate_loss``.
+
+    Returns:
+      ``PolicyLossOutput``: ``loss`` 0-d, ``per_token`` (..., L) (ℓ·w, 0 off the mask) and the
+      0-d metrics ``clip_frac_low``, ``clip_frac_high``, ``approx_kl``, ``dual_clip_frac``
+      (``selected_frac`` = 0), all in float32 (float64 for float64 inputs).
+
+    Example:
+      >>> import torch
+      >>> old = torch.full((1, 4), -1.0)
+      >>> logp = (old + torch.tensor([[0.0, 0.5, -0.5, 0.0]])).requires_grad_(True)
+      >>> out = clipped_policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 4))
+      >>> out.per_token      # r = e^0.5 is held at 1.28; r = e^-0.5 is not clipped (A > 0)
+      tensor([[-1.0000, -1.2800, -0.6065, -1.0000]],
+             grad_fn=<_ClippedPolicyGradientBackward>)
+      >>> out.clip_frac_high
+      tensor(0.2500)
+      >>> out.loss.backward(); logp.grad
+      tensor([[-0.2500,  0.0000, -0.1516, -0.2500]])
+
+    References:
+      Schulman et al., 2017, *Proximal Policy Optimization Algorithms*, arXiv 1707.06347;
+      Ye et al., 2019, dual clip, arXiv 1912.09729; Yu et al., 2025, *DAPO* (decoupled
+      ε_low / ε_high), arXiv 2503.14476.
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
-    if dual_clip is not None:
-        dual_clip = check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
+    dual_clip = _check_dual_clip(dual_clip)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
-    check_choice("agg", agg, AGGREGATION_MODES)
+    agg = check_choice("agg", agg, AGGREGATION_MODES)
+    weights = check_loss_weights(weights, logprobs)
+    scale = aggregation_scale(valid, agg, loss_dtype(logprobs.dtype), num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
+    invalid = ~valid
+    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, advantages, eps_low,
+                         eps_high, dual_clip, log_ratio_clamp, weights, scale)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
-                                                 log_ratio_clamp)
-    lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
-    capped = torch.zeros_like(valid)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        capped = (adv < 0) & (cap < per_token)
-        per_token = torch.where(capped, cap, per_token)
-    per_token = torch.where(valid, per_token, zero)
-    loss = aggregate_loss(per_token, valid, agg, num_tokens=num_tokens,
-                          num_sequences=num_sequences, normalizer=normalizer)
-    with torch.no_grad():
-        r = ratio.detach()
-        clip_frac_low = masked_mean(((adv < 0) & (r < lower)).to(r.dtype), valid)
-        clip_frac_high = masked_mean(((adv > 0) & (r > upper)).to(r.dtype), valid)
-        dual_clip_frac = masked_mean((capped & valid).to(r.dtype), valid)
-        approx_kl = masked_mean((r - 1.0) - log_ratio.detach(), valid)
-    return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            dual_clip_frac, torch.zeros_like(dual_clip_frac))
+
+def _check_dual_clip(dual_clip: object) -> float | None:
+    if dual_clip is None:
+        return None
+    return check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
 
 
 def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                      advantages: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, *,
                      stats: EntropyStats | None = None, variant: str = "paper",
-                     eps_low: float = 0.2, eps_high: float = 0.2, alpha: float = 1.0,
-                     beta: float = 1.0, quantile: float = 0.8, dual_clip: float | None = 10.0,
-                     agg: str = "token-mean", log_ratio_clamp: float = 20.0,
-                     entropy_eps: float = 1e-8,
+                     eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.2,
+                     alpha: float = 1.0, beta: float = 1.0, quantile: float = 0.8,
+                     dual_clip: float | None = 10.0, agg: str = "token-mean",
+                     log_ratio_clamp: float = 20.0, entropy_eps: float = 1e-8,
+                     weights: torch.Tensor | None = None,
                      num_tokens: float | torch.Tensor | None = None,
                      num_sequences: float | torch.Tensor | None = None,
                      normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
@@ -361,9 +521,49 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
          unless given, with ``quantile``);
       2. (ε_low', ε_high') = adaptive_clip_bounds(ĥ, eps_low, eps_high, alpha);
       3. A' = redistribute_advantages(A, ĥ, r, eps_low=ε_low', eps_high=ε_high', beta);
-      4. clipped_policy_loss(logp, logp_old, A', mask, ε_low', ε_high', dual_clip).
+      4. ℓ = the clipped loss of ``clipped_policy_loss`` with A', ε_low', ε_high' and the
+         dual clip, times ``weights``.
     With α = β = 0 this is ``clipped_policy_loss`` with the base ε. ``variant="released"``
-    reproduces the public reference code's ĥ (its sign slip below the pivot).
+    reproduces the public reference code's ĥ (its sign slip below the pivot). ĥ is float32;
+    the loss math is float32 whatever the input dtype (float64 stays float64).
+
+    Args:
+      logprobs: (..., L) float log-probs of the sampled tokens under the current policy
+        (any float dtype; the gradient flows back in that dtype).
+      old_logprobs: same shape and dtype, under the behaviour policy (no gradient).
+      advantages: (..., L) per token or (...,) per response; detached.
+      entropy: (..., L) float token entropies H (nats, at temperature 1); detached.
+      mask: (..., L) bool or numeric, 1 = valid token.
+      stats: ``EntropyStats`` from ``entropy_stats`` (e.g. over every data-parallel rank);
+        default: from this call's entropy and mask.
+      variant: "paper" or "released".
+      eps_low: base ε_low in [0, 1) (float or tensor); eps_high: base ε_high ≥ 0.
+      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β, the redistribution strength.
+      quantile: q in [0, 1] of the entropy pivot (when ``stats`` is None).
+      dual_clip: c > 1 or None; log_ratio_clamp: bound on |log r| (> 0).
+      entropy_eps: floor of H before the log.
+      weights: optional (..., L) or (...,) float weights on ℓ, detached.
+      agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
+
+    Returns:
+      ``PolicyLossOutput`` as ``clipped_policy_loss`` (fractions over the adaptive bounds;
+      ``dual_clip_frac`` the dual clip's; ``selected_frac`` = 0), float32 (float64 inputs:
+      float64).
+
+    Example:
+      >>> import torch
+      >>> entropy = torch.exp(torch.tensor([[-3.0, -2.0, -1.0, 0.0, 1.0]]))  # ĥ = -1 … 1
+      >>> old = torch.full((1, 5), -0.5)
+      >>> logp = (old + torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.6931]])).requires_grad_(True)
+      >>> out = hapo_policy_loss(logp, old, torch.tensor([1.0]), entropy, torch.ones(1, 5),
+      ...                        quantile=0.5)
+      >>> out.per_token   # A' = 0, 0.5, 1, 1, 2; the last ratio (2) held at 1 + 0.4
+      tensor([[ 0.0000, -0.5000, -1.0000, -1.0000, -2.8000]],
+             grad_fn=<_ClippedPolicyGradientBackward>)
+
+    References:
+      HAPO, arXiv 2509.16591, §3.3 (advantage redistribution) and §3.4 (adaptive clipping);
+      PPO, arXiv 1707.06347; dual clip, arXiv 1912.09729.
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
@@ -371,22 +571,29 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     check_same_shape("entropy", entropy, "logprobs", logprobs)
     check_same_device("entropy", entropy, "logprobs", logprobs)
     variant = check_variant(variant)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
+    alpha = check_float("alpha", alpha, min_value=0.0)
+    dual_clip = _check_dual_clip(dual_clip)
+    log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
+                                  min_inclusive=False)
+    agg = check_choice("agg", agg, AGGREGATION_MODES)
+    weights = check_loss_weights(weights, logprobs)
+    dtype = loss_dtype(logprobs.dtype)
+    scale = aggregation_scale(valid, agg, dtype, num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
+    invalid = ~valid
     with torch.no_grad():
         entropy = entropy.detach()
         if stats is None:
             stats = entropy_stats(entropy, valid, quantile=quantile, eps=entropy_eps)
-        # ĥ is float32 (see log_entropy); the bounds take the precision of the loss.
+        # ĥ is float32 (see log_entropy); 0 off the mask, whatever the entropy holds there
         h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
-        h_hat = h_hat.to(logprobs.dtype)
-        clip_low, clip_high = adaptive_clip_bounds(h_hat, eps_low=eps_low, eps_high=eps_high,
-                                                   alpha=alpha)
-        log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
-                                      min_inclusive=False)
-        ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
-                                  log_ratio_clamp).exp()
-        adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low, eps_high=clip_high,
-                                      beta=beta)
-    return clipped_policy_loss(logprobs, old_logprobs, adv, valid, eps_low=clip_low,
-                               eps_high=clip_high, dual_clip=dual_clip,
-                               log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens,
-                               num_sequences=num_sequences, normalizer=normalizer)
+        h_hat = h_hat.to(dtype).masked_fill_(invalid, 0.0)
+        clip_low, clip_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
+        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
+                                                log_ratio_clamp)
+        adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low,
+                                      eps_high=clip_high, beta=beta)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, adv, clip_low, clip_high,
+                         dual_clip, log_ratio_clamp, weights, scale)
