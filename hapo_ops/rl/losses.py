@@ -145,7 +145,7 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     if mode == "token-mean":
         denominator = given.get("num_tokens")
         if denominator is None:
-            denominator = _default_denominator(valid.sum(), ref)
+            denominator = _default_denominator(torch.count_nonzero(valid), ref)
         return denominator.reciprocal()
     if mode == "seq-mean-token-sum-norm":
         denominator = given.get("normalizer")
@@ -155,10 +155,10 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     if valid.dim() != 2:
         raise ValueError(f"per_token must have shape (B, L) for mode {mode!r}, "
                          f"got {tuple(valid.shape)}")
-    lengths = valid.sum(-1, keepdim=True)
+    lengths = torch.count_nonzero(valid, dim=-1).unsqueeze(-1)
     denominator = given.get("num_sequences")
     if denominator is None:
-        denominator = _default_denominator((lengths > 0).sum(), ref)
+        denominator = _default_denominator(torch.count_nonzero(lengths), ref)
     if mode == "seq-mean-token-sum":
         return denominator.reciprocal()
     return (lengths.clamp_min(1).to(dtype) * denominator).reciprocal()
@@ -381,13 +381,19 @@ class _ClippedPolicyGradient(torch.autograd.Function):
         return (derivative * upstream).to(ctx.logprobs_dtype), None, None, None, None
 
 
+def _fraction(chosen: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(chosen).to(count.dtype) / count
+
+
 def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Tensor,
                   log_ratio: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
-                  eps_low: ScalarOrTensor, eps_high: ScalarOrTensor, dual_clip: float | None,
-                  log_ratio_clamp: float, weights: torch.Tensor | None, scale: torch.Tensor
-                  ) -> PolicyLossOutput:
-    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``): the one
-    home of ``clipped_policy_loss`` and ``hapo_policy_loss``."""
+                  lower: ScalarOrTensor, upper: ScalarOrTensor, dual_clip: float | None,
+                  log_ratio_clamp: float, weights: torch.Tensor | None, scale: torch.Tensor,
+                  *, own_bounds: bool = False) -> PolicyLossOutput:
+    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``) and the
+    ratio bounds 1 - ε_low, 1 + ε_high: the one home of ``clipped_policy_loss`` and
+    ``hapo_policy_loss``. ``log_ratio`` and ``ratio`` are overwritten; so are the bounds
+    with ``own_bounds`` (full-shape tensors, finite off the mask, owned by the caller)."""
     dtype = ratio.dtype
     with torch.no_grad():
         zero = torch.zeros((), dtype=dtype, device=ratio.device)
@@ -396,30 +402,32 @@ def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Te
             coef.mul_(weights)
         positive = coef > 0
         cap = math.inf if dual_clip is None else dual_clip
-        tensor_bounds = isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor)
-        if tensor_bounds:
-            lower = 1.0 - torch.as_tensor(eps_low, device=ratio.device).to(dtype)
-            upper = 1.0 + torch.as_tensor(eps_high, device=ratio.device).to(dtype)
-            clipped = torch.where(positive, torch.minimum(ratio, upper),
-                                  torch.maximum(ratio, lower).clamp_(max=cap))
+        if own_bounds:
+            clipped = torch.maximum(ratio, lower, out=lower).clamp_(max=cap)
+            torch.where(positive, torch.minimum(ratio, upper, out=upper), clipped, out=clipped)
+        elif isinstance(lower, torch.Tensor) or isinstance(upper, torch.Tensor):
+            lower = torch.as_tensor(lower, device=ratio.device).to(dtype)
+            upper = torch.as_tensor(upper, device=ratio.device).to(dtype)
+            clipped = torch.maximum(ratio, lower).clamp_(max=cap)
+            torch.where(positive, torch.minimum(ratio, upper), clipped, out=clipped)
             clipped.masked_fill_(invalid, 1.0)      # whatever the bounds hold off the mask
         else:
-            clipped = torch.where(positive, ratio.clamp(max=1.0 + eps_high),
-                                  ratio.clamp(min=1.0 - eps_low, max=cap))
+            clipped = ratio.clamp(min=lower, max=cap)
+            torch.where(positive, ratio.clamp(max=upper), clipped, out=clipped)
         held_below = clipped < ratio    # A > 0: the upper clip; A < 0: the dual clip
         held_above = clipped > ratio    # A < 0: the lower clip
         negative = coef < 0
-        count = valid.sum().clamp_min(1).to(dtype)
-        clip_frac_high = (held_below & positive).sum().to(dtype) / count
-        clip_frac_low = (held_above & negative).sum().to(dtype) / count
+        count = torch.count_nonzero(valid).clamp_min(1).to(dtype)
+        clip_frac_high = _fraction(held_below & positive, count)
+        clip_frac_low = _fraction(held_above & negative, count)
         dual_clip_frac = (torch.zeros((), dtype=dtype, device=ratio.device) if dual_clip is None
-                          else (held_below & negative).sum().to(dtype) / count)
-        # mean over valid tokens of (r - 1) - log r; masked tokens add exactly 0 (r = 1,
-        # log r = 0). Sums in float64: Σr and N are close, their difference is the metric.
-        kl_sum = (ratio.sum(dtype=torch.float64) - log_ratio.sum(dtype=torch.float64)
-                  - ratio.numel())
-        approx_kl = kl_sum.to(dtype) / count
-        unclipped = (clipped == ratio) & (log_ratio.abs() < log_ratio_clamp)
+                          else _fraction(held_below & negative, count))
+        unclipped = clipped == ratio
+        # Below, ratio and log_ratio are overwritten (no longer needed; no new tensors).
+        # approx_kl: mean over valid tokens of (r - 1) - log r; masked tokens add exactly 0
+        # (r = 1, log r = 0); r - 1 is exact in floating point near 1.
+        approx_kl = ratio.sub_(1.0).sub_(log_ratio).sum() / count
+        unclipped &= log_ratio.abs_() < log_ratio_clamp     # no gradient past the clamp
     loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, unclipped, scale)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
                             dual_clip_frac, torch.zeros_like(clip_frac_low))
@@ -493,8 +501,9 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                               num_sequences=num_sequences, normalizer=normalizer)
     invalid = ~valid
     log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
-    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, advantages, eps_low,
-                         eps_high, dual_clip, log_ratio_clamp, weights, scale)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, advantages,
+                         1.0 - eps_low, 1.0 + eps_high, dual_clip, log_ratio_clamp, weights,
+                         scale)
 
 
 def _check_dual_clip(dual_clip: object) -> float | None:
@@ -595,5 +604,9 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                                 log_ratio_clamp)
         adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low,
                                       eps_high=clip_high, beta=beta)
-    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, adv, clip_low, clip_high,
-                         dual_clip, log_ratio_clamp, weights, scale)
+        lower, upper = clip_low.neg_().add_(1.0), clip_high.add_(1.0)   # in place
+        if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
+            lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
+            upper.masked_fill_(invalid, 1.0)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, adv, lower, upper,
+                         dual_clip, log_ratio_clamp, weights, scale, own_bounds=True)
