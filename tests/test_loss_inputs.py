@@ -121,6 +121,20 @@ def test_hapo_policy_loss_weights_match_reference(per_response):
     torch.testing.assert_close(grad, leaf.grad, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_weights_off_the_mask_never_leak(name):
+    """NaN or inf weights at masked positions change neither the loss nor the gradient."""
+    lp, old, adv, mask = _batch(8, 3, 6)
+    w = torch.linspace(0.5, 1.5, 18, dtype=F64).reshape(3, 6)
+    garbage = torch.where(mask, w, torch.tensor(float("nan"), dtype=F64))
+    garbage[~mask & (torch.arange(6) % 2 == 0)] = float("inf")
+    got, got_grad = _run(LOSSES[name], lp, old, adv, mask, weights=garbage)
+    want, want_grad = _run(LOSSES[name], lp, old, adv, mask, weights=w)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.per_token, want.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_weights_bad_input_names_the_argument():
     lp, old, adv, mask = _batch(0, 2, 3)
     for name, fn in LOSSES.items():

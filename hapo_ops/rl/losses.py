@@ -397,9 +397,9 @@ def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Te
     dtype = ratio.dtype
     with torch.no_grad():
         zero = torch.zeros((), dtype=dtype, device=ratio.device)
-        coef = torch.where(valid, advantages.detach().to(dtype), zero)      # A·w, 0 off the mask
         if weights is not None:
-            coef.mul_(weights)
+            advantages = advantages.detach().to(dtype) * weights
+        coef = torch.where(valid, advantages.detach().to(dtype), zero)      # A·w, 0 off the mask
         positive = coef > 0
         cap = math.inf if dual_clip is None else dual_clip
         if own_bounds:
