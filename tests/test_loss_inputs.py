@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from hapo_ops import (adaptive_clip_bounds, aggregate_loss, cispo_policy_loss,
-                      clip_cov_policy_loss, clipped_policy_loss, gspo_policy_loss,
-                      hapo_policy_loss, kl_cov_policy_loss)
+                      clip_cov_policy_loss, clipped_policy_loss, entropy_stats,
+                      gspo_policy_loss, hapo_policy_loss, kl_cov_policy_loss,
+                      normalized_entropy, redistribute_advantages)
 from test_losses import ref_aggregate, ref_clipped, ref_hapo
 
 F64 = torch.float64
@@ -144,6 +145,32 @@ def test_weights_bad_input_names_the_argument():
             fn(lp, old, adv, mask, weights=torch.ones(3))       # neither (B,) nor (B, L)
         with pytest.raises(ValueError, match="weights"):
             fn(lp, old, adv, mask, weights=torch.ones(1, 2, 3))
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hapo_policy_loss_is_the_composition_of_the_public_ops(variant, dtype):
+    """The fused HAPO loss equals its documented steps run with the public ops: ĥ, the
+    adaptive bounds, redistribute_advantages, then clipped_policy_loss."""
+    B, L = 5, 11
+    lp, old, adv, mask = _batch(10, B, L, dtype=dtype, spread=0.2)
+    g = torch.Generator().manual_seed(11)
+    entropy = torch.exp(torch.randint(-16, 3, (B, L), generator=g).to(dtype) / 2)
+    kw = dict(eps_low=0.15, eps_high=0.25, dual_clip=3.0, agg="seq-mean-token-sum")
+    got, got_grad = _run(hapo_policy_loss, lp, old, adv, entropy, mask, variant=variant,
+                         alpha=0.7, beta=0.6, **kw)
+    h_hat = normalized_entropy(entropy, entropy_stats(entropy, mask), variant=variant)
+    h_hat = torch.where(mask, h_hat, 0.0).to(dtype)
+    eps_low, eps_high = adaptive_clip_bounds(h_hat, eps_low=0.15, eps_high=0.25, alpha=0.7)
+    ratio = torch.where(mask, lp - old, 0.0).clamp(-20.0, 20.0).exp()
+    redistributed = redistribute_advantages(adv[:, None].expand(B, L), h_hat, ratio,
+                                            eps_low=eps_low, eps_high=eps_high, beta=0.6)
+    kw.update(eps_low=eps_low, eps_high=eps_high)
+    want, want_grad = _run(clipped_policy_loss, lp, old, redistributed, mask, **kw)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for field in want._fields:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), **tol, msg=field)
+    torch.testing.assert_close(got_grad, want_grad, **tol)
 
 
 # --------------------------------------------------------------------------- denominators

@@ -14,7 +14,6 @@ import torch
 from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
-from hapo_ops.rl.advantages import redistribute_advantages
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
 
@@ -385,21 +384,29 @@ def _fraction(chosen: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(chosen).to(count.dtype) / count
 
 
+def _loss_coefficient(advantages: torch.Tensor, weights: torch.Tensor | None,
+                      valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A·w in the loss dtype, detached, 0 off the mask (whatever A and w hold there)."""
+    with torch.no_grad():
+        advantages = advantages.detach().to(dtype)
+        if weights is not None:
+            advantages = advantages * weights
+        return torch.where(valid, advantages, torch.zeros((), dtype=dtype,
+                                                          device=advantages.device))
+
+
 def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Tensor,
-                  log_ratio: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
+                  log_ratio: torch.Tensor, ratio: torch.Tensor, coef: torch.Tensor,
                   lower: ScalarOrTensor, upper: ScalarOrTensor, dual_clip: float | None,
-                  log_ratio_clamp: float, weights: torch.Tensor | None, scale: torch.Tensor,
-                  *, own_bounds: bool = False) -> PolicyLossOutput:
-    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``) and the
-    ratio bounds 1 - ε_low, 1 + ε_high: the one home of ``clipped_policy_loss`` and
-    ``hapo_policy_loss``. ``log_ratio`` and ``ratio`` are overwritten; so are the bounds
-    with ``own_bounds`` (full-shape tensors, finite off the mask, owned by the caller)."""
+                  log_ratio_clamp: float, scale: torch.Tensor, *, own_bounds: bool = False
+                  ) -> PolicyLossOutput:
+    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``), the
+    coefficient A·w (``_loss_coefficient``) and the ratio bounds 1 - ε_low, 1 + ε_high: the
+    one home of ``clipped_policy_loss`` and ``hapo_policy_loss``. ``log_ratio`` and
+    ``ratio`` are overwritten; so are the bounds with ``own_bounds`` (full-shape tensors,
+    finite off the mask, owned by the caller)."""
     dtype = ratio.dtype
     with torch.no_grad():
-        zero = torch.zeros((), dtype=dtype, device=ratio.device)
-        if weights is not None:
-            advantages = advantages.detach().to(dtype) * weights
-        coef = torch.where(valid, advantages.detach().to(dtype), zero)      # A·w, 0 off the mask
         positive = coef > 0
         cap = math.inf if dual_clip is None else dual_clip
         if own_bounds:
@@ -501,9 +508,23 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                               num_sequences=num_sequences, normalizer=normalizer)
     invalid = ~valid
     log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
-    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, advantages,
-                         1.0 - eps_low, 1.0 + eps_high, dual_clip, log_ratio_clamp, weights,
-                         scale)
+    coef = _loss_coefficient(advantages, weights, valid, ratio.dtype)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, 1.0 - eps_low,
+                         1.0 + eps_high, dual_clip, log_ratio_clamp, scale)
+
+
+def _redistribute_in_place(coef: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,
+                           lower: torch.Tensor, upper: torch.Tensor, beta: float
+                           ) -> torch.Tensor:
+    """``redistribute_advantages`` (HAPO §3.3) applied in place to the loss coefficient A·w,
+    from the ratio bounds lower = 1 - ε_low', upper = 1 + ε_high' the loss already holds:
+    r ∈ N = (1 - ε_low'/2, 1 + ε_high'/2) ⇔ lower < 2r - 1 < upper, and
+    A' = A·(1 + β·ĥ) unless (ĥ > 0) == (r ∈ N). Two passes' worth of new tensors instead of
+    seven; ``h_hat`` is overwritten. Equal to ``redistribute_advantages`` (tested)."""
+    doubled = ratio.mul(2.0).sub_(1.0)
+    inside = (doubled > lower) & (doubled < upper)
+    kept = (h_hat > 0) == inside
+    return coef.mul_(h_hat.mul_(beta).add_(1.0).masked_fill_(kept, 1.0))
 
 
 def _check_dual_clip(dual_clip: object) -> float | None:
@@ -583,6 +604,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
+    beta = check_float("beta", beta)
     dual_clip = _check_dual_clip(dual_clip)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
@@ -602,11 +624,11 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_low, clip_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
         log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
                                                 log_ratio_clamp)
-        adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low,
-                                      eps_high=clip_high, beta=beta)
         lower, upper = clip_low.neg_().add_(1.0), clip_high.add_(1.0)   # in place
         if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
             lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
             upper.masked_fill_(invalid, 1.0)
-    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, adv, lower, upper,
-                         dual_clip, log_ratio_clamp, weights, scale, own_bounds=True)
+        coef = _redistribute_in_place(_loss_coefficient(advantages, weights, valid, dtype),
+                                      h_hat, ratio, lower, upper, beta)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, lower, upper,
+                         dual_clip, log_ratio_clamp, scale, own_bounds=True)
