@@ -85,11 +85,16 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
 
 
 def _widened_eps(h_hat: torch.Tensor, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
-                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε_low', ε_high') = (ε_low·(1 - α·min(ĥ, 0)), ε_high·(1 + α·max(ĥ, 0))), the
-    where-form above in three passes each."""
-    low = h_hat.clamp(max=0.0).mul_(-alpha).add_(1.0).mul_(eps_low)
-    high = h_hat.clamp(min=0.0).mul_(alpha).add_(1.0).mul_(eps_high)
+                 alpha: float, *, as_ratio_bounds: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_low', ε_high') = (ε_low + ε_low·α·(-min(ĥ, 0)), ε_high + ε_high·α·max(ĥ, 0)), the
+    where-form above in three passes each; with ``as_ratio_bounds`` the ratio bounds
+    (1 - ε_low', 1 + ε_high') = (1 - ε_low + ε_low·α·min(ĥ, 0), 1 + ε_high + ε_high·α·max(ĥ, 0)),
+    also in three passes."""
+    sign = -1.0 if as_ratio_bounds else 1.0
+    offset = 1.0 if as_ratio_bounds else 0.0
+    low = h_hat.clamp(max=0.0).mul_(-sign * alpha * eps_low).add_(offset + sign * eps_low)
+    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(offset + eps_high)
     return low, high
 
 
@@ -621,10 +626,9 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         # ĥ is float32 (see log_entropy); 0 off the mask, whatever the entropy holds there
         h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
         h_hat = h_hat.to(dtype).masked_fill_(invalid, 0.0)
-        clip_low, clip_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
+        lower, upper = _widened_eps(h_hat, eps_low, eps_high, alpha, as_ratio_bounds=True)
         log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
                                                 log_ratio_clamp)
-        lower, upper = clip_low.neg_().add_(1.0), clip_high.add_(1.0)   # in place
         if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
             lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
             upper.masked_fill_(invalid, 1.0)
