@@ -22,7 +22,8 @@ AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-
 
 
 class PolicyLossOutput(NamedTuple):
-    """Result of a clipped policy loss; every field is a tensor (no host sync).
+    """Result of a clipped policy loss; every field is a tensor (no host sync), float32
+    whatever the input dtype (float64 for float64 inputs).
 
     loss: the aggregated scalar. per_token: ℓ per token, zero outside the mask.
     clip_frac_low / clip_frac_high: fraction of valid tokens whose loss is held constant by
