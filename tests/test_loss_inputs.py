@@ -104,6 +104,24 @@ def test_clipped_policy_loss_weights_match_reference(agg, per_response):
     assert w.grad is None  # detached
 
 
+@pytest.mark.parametrize("use_loss", [False, True])
+def test_gradient_through_per_token_loss(use_loss):
+    """per_token is differentiable too: a caller's own reduction of it (alone or with the
+    aggregated loss) gets the float64 reference gradient."""
+    B, L = 3, 8
+    lp, old, adv, mask = _batch(12, B, L, spread=0.4)
+    c = torch.linspace(-1.0, 2.0, B * L, dtype=F64).reshape(B, L)
+    leaf = lp.detach().clone().requires_grad_(True)
+    out = clipped_policy_loss(leaf, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")
+    total = (out.per_token * c).sum() + (0.5 * out.loss if use_loss else 0.0)
+    total.backward()
+    ref_leaf = lp.detach().clone().requires_grad_(True)
+    want_loss, per_token = ref_clipped(ref_leaf, old, adv[:, None].expand(B, L), mask, 0.2,
+                                       0.28, 3.0, agg="seq-mean-token-mean")
+    ((per_token * c).sum() + (0.5 * want_loss if use_loss else 0.0)).backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("per_response", [False, True])
 def test_hapo_policy_loss_weights_match_reference(per_response):
     B, L = 3, 7
