@@ -361,29 +361,29 @@ def _log_ratio_and_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
 
 class _ClippedPolicyGradient(torch.autograd.Function):
-    """(Σ s·ℓ, ℓ) with ℓ = -coef·q, as functions of the log-probs: ∂ℓ/∂log π = ℓ where
-    ``unclipped`` and 0 elsewhere. Backward is one elementwise product, in the dtype of the
-    log-probs."""
+    """(Σ s·ℓ, ℓ) with ℓ = -coef·q, as functions of the log-probs: ∂ℓ/∂log π = ℓ except
+    where ``held`` (by a clip or the log-ratio clamp), 0 there. Backward is one elementwise
+    expression, where(held, 0, ℓ·upstream), in the dtype of the log-probs."""
 
     @staticmethod
-    def forward(ctx, logprobs, coef, clipped_ratio, unclipped, scale):
+    def forward(ctx, logprobs, coef, clipped_ratio, held, scale):
         zero = torch.zeros((), dtype=coef.dtype, device=coef.device)
         per_token = torch.addcmul(zero, coef, clipped_ratio, value=-1.0)
-        derivative = torch.where(unclipped, per_token, zero)
-        ctx.save_for_backward(derivative, scale)
+        ctx.save_for_backward(per_token, held, scale)
         ctx.set_materialize_grads(False)
         ctx.logprobs_dtype = logprobs.dtype
         return scaled_sum(per_token, scale), per_token
 
     @staticmethod
     def backward(ctx, grad_loss, grad_per_token):
-        derivative, scale = ctx.saved_tensors
+        per_token, held, scale = ctx.saved_tensors
         upstream = None if grad_loss is None else grad_loss * scale
         if grad_per_token is not None:
             upstream = grad_per_token if upstream is None else grad_per_token + upstream
         if upstream is None:
             return None, None, None, None, None
-        return (derivative * upstream).to(ctx.logprobs_dtype), None, None, None, None
+        grad = (per_token * upstream).masked_fill_(held, 0.0)
+        return grad.to(ctx.logprobs_dtype), None, None, None, None
 
 
 def _fraction(chosen: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -435,13 +435,13 @@ def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Te
         clip_frac_low = _fraction(held_above & negative, count)
         dual_clip_frac = (torch.zeros((), dtype=dtype, device=ratio.device) if dual_clip is None
                           else _fraction(held_below & negative, count))
-        unclipped = clipped == ratio
+        held = held_below | held_above
         # Below, ratio and log_ratio are overwritten (no longer needed; no new tensors).
         # approx_kl: mean over valid tokens of (r - 1) - log r; masked tokens add exactly 0
         # (r = 1, log r = 0); r - 1 is exact in floating point near 1.
         approx_kl = ratio.sub_(1.0).sub_(log_ratio).sum() / count
-        unclipped &= log_ratio.abs_() < log_ratio_clamp     # no gradient past the clamp
-    loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, unclipped, scale)
+        held |= log_ratio.abs_() >= log_ratio_clamp     # no gradient past the clamp
+    loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, held, scale)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
                             dual_clip_frac, torch.zeros_like(clip_frac_low))
 
