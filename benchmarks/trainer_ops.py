@@ -14,6 +14,11 @@ with the same clip range (0.2) and dual clip (10). verl is optional
 per-token clip bounds, advantage redistribution, four clip fractions and the KL metric), so
 its ratio to verl is the price of those extras; ``clipped_policy_loss`` is the
 like-for-like comparison.
+
+Paired ratios: on a shared CPU the load changes between rows, so each loss's
+forward+backward time over verl's is also measured interleaved (loss, verl, loss, verl,
+...; ``PAIRED_REPS`` pairs) and reported as the ratio of the two minima, in the row's note
+and on stderr.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ BASELINES = {"grpo_advantages": VERL_ADVANTAGE,
              "token_level_group_advantages": VERL_ADVANTAGE,
              "clipped_policy_loss": VERL_LOSS,
              "hapo_policy_loss": VERL_LOSS}
+PAIRED_REPS = 5
 NOTES = {
-    "hapo_policy_loss": ("entropy stats + ĥ + clip bounds + redistribution + dual-clip loss "
-                         "and metrics: about 60 elementwise passes over B×L in eager torch "
-                         "on CPU"),
+    "hapo_policy_loss": ("entropy stats + ĥ + clip bounds + redistribution + the fused "
+                         "dual-clip loss and its metrics"),
     "clipped_policy_loss": "the like-for-like counterpart of verl's loss (dual clip 10)",
     VERL_ADVANTAGE: "Python loop over responses and groups (verl's code)",
     VERL_LOSS: "verl's clipped loss with agg_loss token-mean, clip_ratio_c=10",
@@ -221,6 +226,8 @@ def run(device: torch.device, config: TimingConfig, results: list[Result], *, qu
             measure(result, call, device, config)
         log(describe(result))
         results.append(result)
+    if missing is None and time.monotonic() < deadline:
+        _paired_ratios(all_cases, results, device)
     if missing is not None:
         results += [Result(suite="trainer", name=name, mode=mode, dtype="float32",
                            shape=batch.shape, status="skipped", note=missing)
@@ -228,6 +235,35 @@ def run(device: torch.device, config: TimingConfig, results: list[Result], *, qu
                                        (VERL_LOSS, FWD_BWD))]
     del batch
     release_memory(device)
+
+
+def _paired_ratios(all_cases: list[tuple[str, str, Callable[[], None]]],
+                   results: list[Result], device: torch.device) -> None:
+    """Forward+backward of each loss against verl's, interleaved; the ratio of the minima
+    goes into the loss row's note (and stderr)."""
+    from benchmarks.common import synchronize
+    calls = {(op, mode): call for op, mode, call in all_cases}
+    baseline = calls.get((VERL_LOSS, FWD_BWD))
+    if baseline is None:
+        return
+    for op in ("clipped_policy_loss", "hapo_policy_loss"):
+        call = calls.get((op, FWD_BWD))
+        if call is None:
+            continue
+        best = {op: math.inf, VERL_LOSS: math.inf}
+        for _ in range(PAIRED_REPS):
+            for name, fn in ((op, call), (VERL_LOSS, baseline)):
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+        ratio = best[op] / best[VERL_LOSS]
+        text = (f"paired min ratio to verl ({PAIRED_REPS} interleaved pairs): {ratio:.2f}x "
+                f"({best[op] * 1e3:.1f} / {best[VERL_LOSS] * 1e3:.1f} ms)")
+        log(f"trainer: {op} {FWD_BWD}: {text}")
+        for result in results:
+            if result.name == op and result.mode == FWD_BWD:
+                result.note = "; ".join(filter(None, (result.note, text)))
 
 
 def describe(result: Result) -> str:

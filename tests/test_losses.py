@@ -23,7 +23,6 @@ from test_entropy_signal import ref_stats  # one float64 reference for the stats
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BAD = (ValueError, TypeError)
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-SEQ_MODES = [m for m in MODES if m.startswith("seq")]
 F64 = torch.float64
 
 
@@ -58,9 +57,11 @@ def ref_redistribute(adv, h, ratio, el, eh, beta):
 def ref_aggregate(per_token, mask, mode="token-mean", num_tokens=None, num_sequences=None, normalizer=None):
     """token-mean: sum / num_tokens (default: valid tokens; 0 when there are none)
     token-sum: sum
-    seq-mean-token-sum: sum_i (sum_t) / num_sequences (default B)
-    seq-mean-token-mean: sum_i (sum_t / L_i) / num_sequences (default B; an empty row adds 0)
-    seq-mean-token-sum-norm: sum_i (sum_t) / normalizer (default L), as veRL's agg_loss."""
+    seq-mean-token-sum: sum_i (sum_t) / num_sequences (default: rows with a valid token)
+    seq-mean-token-mean: sum_i (sum_t / L_i) / num_sequences (same default; an empty row
+        adds 0)
+    seq-mean-token-sum-norm: sum_i (sum_t) / normalizer (default L), as veRL's agg_loss.
+    A default denominator of 0 (nothing valid) gives 0."""
     m = mask.bool()
     x = torch.where(m, per_token, torch.zeros_like(per_token))
     B, L = m.shape
@@ -72,10 +73,12 @@ def ref_aggregate(per_token, mask, mode="token-mean", num_tokens=None, num_seque
         return x.sum() / d if d > 0 else x.sum() * 0.0
     if mode == "token-sum":
         return x.sum()
+    rows = sum(1 for i in range(B) if m[i].any())  # responses with a valid token
+    n_seq = f(num_sequences) if num_sequences is not None else max(rows, 1)
     if mode == "seq-mean-token-sum":
-        return row_sum.sum() / (f(num_sequences) if num_sequences is not None else B)
+        return row_sum.sum() / n_seq
     if mode == "seq-mean-token-mean":
-        return (row_sum / row_len.clamp_min(1)).sum() / (f(num_sequences) if num_sequences is not None else B)
+        return (row_sum / row_len.clamp_min(1)).sum() / n_seq
     if mode == "seq-mean-token-sum-norm":
         return row_sum.sum() / (f(normalizer) if normalizer is not None else L)
     raise AssertionError(mode)
@@ -177,7 +180,7 @@ def log_kinks(el, eh, dual_clip, clamp=20.0, neutral=False):
 
 
 @st.composite
-def loss_batches(draw, seq_mode_safe=True):
+def loss_batches(draw):
     B = draw(st.integers(1, 6))
     L = draw(st.integers(1, 10))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -187,10 +190,6 @@ def loss_batches(draw, seq_mode_safe=True):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, L, generator=g) < 0.75
     mask[torch.rand(B, generator=g) < 0.15] = False  # zero-length responses
-    if agg in SEQ_MODES and seq_mode_safe:
-        # the default number of sequences is only unambiguous when no row is empty
-        empty = ~mask.any(-1)
-        mask[empty, torch.randint(0, L, (int(empty.sum()),), generator=g)] = True
     old = -torch.rand(B, L, generator=g, dtype=F64) * 6
     lr = torch.randn(B, L, generator=g, dtype=F64) * 0.3
     lr[torch.rand(B, L, generator=g) < 0.1] = 0.0
@@ -449,22 +448,23 @@ def test_aggregate_loss_is_exact_across_micro_batches(case, mode):
 @settings(max_examples=60, **SETTINGS)
 @given(case=aggregate_cases(), mode=st.sampled_from(MODES))
 def test_aggregate_loss_default_denominators(case, mode):
-    x, mask, _, _ = case
-    if mode in SEQ_MODES:
-        mask = mask.clone()
-        mask[:, 0] = True  # default number of sequences: unambiguous only without empty rows
+    x, mask, _, _ = case  # rows may be fully masked: they do not count as sequences
     got = aggregate_loss(x, mask, mode)
     want = ref_aggregate(x.double(), mask, mode)
     scale = ref_aggregate(x.double().abs(), mask, mode)
     check_scalar(got, want, scale, x.dtype)
     B, L = mask.shape
-    explicit = aggregate_loss(x, mask, mode, num_tokens=int(mask.bool().sum()) or None, num_sequences=B, normalizer=L)
+    rows = int(mask.bool().any(-1).sum())
+    explicit = aggregate_loss(x, mask, mode, num_tokens=int(mask.bool().sum()) or None,
+                              num_sequences=rows or None, normalizer=L)
     check_scalar(explicit, want, scale, x.dtype)
 
 
 def test_aggregate_loss_worked_example():
-    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]], dtype=F64)
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    # the third response is fully masked: it is not a sequence of the sequence means
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0], [9.0, 9.0, 9.0, 9.0]],
+                     dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     want = {
         "token-mean": 10.0 / 4,
         "token-sum": 10.0,

@@ -3,8 +3,9 @@
 Each returns :class:`hapo_ops.rl.losses.PolicyLossOutput` and aggregates like
 :func:`hapo_ops.rl.losses.clipped_policy_loss` (``agg``, ``num_tokens``, ``num_sequences``,
 ``normalizer``); masked positions give ℓ = 0 and zero gradient whatever they hold. Every
-loss also takes ``weights`` (per-token, detached; e.g. from ``rollout_correction``) that
-multiply the per-token loss after clipping and selection.
+loss also takes ``weights`` (per token (..., L) or per response (...,), detached; e.g. from
+``rollout_correction``) that multiply the per-token loss after clipping and selection, and
+computes in float32 whatever the input dtype (float64 stays float64).
 
 Clip-Cov and KL-Cov (Cui et al., *The Entropy Mechanism of Reinforcement Learning for
 Reasoning Language Models*, arXiv 2505.22617) act on the few tokens whose centred
@@ -29,13 +30,13 @@ from typing import Sequence
 import torch
 
 from hapo_ops._utils.selection import kth_smallest
-from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
-                                  check_float_or_tensor, check_same_device)
+from hapo_ops._utils.validation import ScalarOrTensor, check_choice, check_float
 from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
                                   exclusive_prefix_sum)
 from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
-                             check_policy_inputs, clamped_log_ratio, clipped_surrogate,
-                             masked_advantages, masked_mean, ratio_and_advantages)
+                                check_clip_eps, check_loss_weights, check_policy_inputs,
+                                clamped_log_ratio, clipped_surrogate, masked_advantages,
+                                loss_dtype, masked_mean, ratio_and_advantages)
 
 _ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
@@ -45,33 +46,11 @@ _KEY_BITS = 24          # random keys are integers below 2^24: exact in float32
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_weights(weights: torch.Tensor | None, ref: torch.Tensor, valid: torch.Tensor
-                   ) -> torch.Tensor | None:
-    """Detached weights broadcast to the token shape, 0 outside the mask."""
-    if weights is None:
-        return None
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
-    check_same_device("weights", weights, "logprobs", ref)
-    try:
-        torch.broadcast_shapes(weights.shape, ref.shape)
-    except RuntimeError:
-        raise ValueError(f"weights of shape {tuple(weights.shape)} does not broadcast to "
-                         f"{tuple(ref.shape)}") from None
-    if weights.dim() > ref.dim():
-        raise ValueError(f"weights of shape {tuple(weights.shape)} does not broadcast to "
-                         f"{tuple(ref.shape)}")
-    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    return torch.where(valid, weights.detach().to(ref.dtype).expand_as(ref), zero)
-
-
 def _finish(per_token: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None,
             agg: str, num_tokens, num_sequences, normalizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per_token): weights applied, masked positions zeroed, then aggregated."""
-    if weights is not None:
-        per_token = per_token * weights
+    if weights is not None:  # 0 off the mask: NaN weights there must not reach the gradient
+        per_token = per_token * torch.where(valid, weights.to(per_token.dtype), 0.0)
     per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
                                                           device=per_token.device))
     loss = aggregate_loss(per_token, valid, agg, num_tokens=num_tokens,
@@ -254,9 +233,10 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       mask: 1 = valid token.
       cov_fraction: in (0, 1], the fraction of valid tokens to cut.
       cov_bounds: (c_lb, c_ub), c_lb < c_ub.
-      eps_low, eps_high: ratio clip ε (≥ 0), floats or per-token tensors.
+      eps_low, eps_high: ratio clip ε (≥ 0; ε_low ≤ 1, the default 1 being no lower
+        clip), floats or per-token tensors.
       seed / generator: randomness of the choice (exactly one).
-      weights: optional per-token weights on ℓ (detached).
+      weights: optional weights on ℓ, per token or per response (detached).
       log_ratio_clamp: bound on |log r| before exp.
       agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
       group: data-parallel process group (means, n and the choice over all ranks).
@@ -277,16 +257,17 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True, allow_one=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
                                min_inclusive=False, max_value=1.0)
     cov_lower, cov_upper = _check_bounds(cov_bounds)
     _check_randomness(seed, generator)
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
                                                  log_ratio_clamp)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
@@ -347,7 +328,7 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       mask: 1 = valid token.
       cov_fraction: in (0, 1].
       kl_coef: β ≥ 0.
-      weights: optional per-token weights on ℓ (detached).
+      weights: optional weights on ℓ, per token or per response (detached).
       log_ratio_clamp: bound on |log r| (the ratio and the penalty).
       agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
       group: data-parallel process group (means, n and the top-k over all ranks).
@@ -372,9 +353,10 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                min_inclusive=False, max_value=1.0)
     kl_coef = check_float("kl_coef", kl_coef, min_value=0.0)
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
                                                  log_ratio_clamp)
     with torch.no_grad():
@@ -438,21 +420,22 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
     if logprobs.dim() == 0:
         raise ValueError("logprobs must have shape (..., L), got a 0-d tensor")
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    lengths = valid.sum(-1, keepdim=True).clamp_min(1).to(logprobs.dtype)
+    lengths = valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
     sequence_log_ratio = log_ratio.sum(-1, keepdim=True).detach() / lengths
-    logp = torch.where(valid, logprobs, zero)
+    logp = torch.where(valid, logprobs.to(dtype), zero)
     # Value s_i exactly (logp - sg(logp) is 0), gradient s_i · ∇log π_t.
     ratio = torch.exp((logp - logp.detach()) + sequence_log_ratio)
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
+    adv = masked_advantages(advantages, valid, dtype)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
@@ -507,12 +490,13 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     if eps_low is not None:
-        eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
+        eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     log_ratio_clamp, _ = _check_common(log_ratio_clamp, agg, None)
-    weights = _check_weights(weights, logprobs, valid)
+    weights = check_loss_weights(weights, logprobs)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     with torch.no_grad():
         log_ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
                                       log_ratio_clamp)
@@ -524,8 +508,8 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         if lower is not None:
             weight = torch.maximum(weight, torch.as_tensor(lower, dtype=ratio.dtype,
                                                            device=ratio.device))
-    adv = masked_advantages(advantages, valid, logprobs.dtype)
-    per_token = -weight * adv * torch.where(valid, logprobs, zero)
+    adv = masked_advantages(advantages, valid, dtype)
+    per_token = -weight * adv * torch.where(valid, logprobs.to(dtype), zero)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)
     with torch.no_grad():

@@ -5,6 +5,7 @@ arXiv 1912.09729).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -13,7 +14,6 @@ import torch
 from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
-from hapo_ops.rl.advantages import redistribute_advantages
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
 
@@ -22,7 +22,8 @@ AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-
 
 
 class PolicyLossOutput(NamedTuple):
-    """Result of a clipped policy loss; every field is a tensor (no host sync).
+    """Result of a clipped policy loss; every field is a tensor (no host sync), float32
+    whatever the input dtype (float64 for float64 inputs).
 
     loss: the aggregated scalar. per_token: ℓ per token, zero outside the mask.
     clip_frac_low / clip_frac_high: fraction of valid tokens whose loss is held constant by
@@ -44,6 +45,27 @@ class PolicyLossOutput(NamedTuple):
     selected_frac: torch.Tensor
 
 
+def check_clip_eps(name: str, value: object, ref: torch.Tensor, *, lower: bool,
+                   allow_one: bool = False) -> ScalarOrTensor:
+    """A ratio-clip ε: a float or a tensor broadcastable to ``ref``, ε ≥ 0; for the lower
+    side (``lower=True``) also ε < 1, so that the lower ratio bound 1 - ε is positive
+    (ε = 1, a bound of 0, i.e. no lower clip, only with ``allow_one``). Tensor values are
+    checked on the CPU only (no host sync on accelerators, none under ``torch.compile``)."""
+    value = check_float_or_tensor(name, value, ref)
+    if not lower:
+        return value
+    limit = "<= 1" if allow_one else "< 1"
+    if isinstance(value, torch.Tensor):
+        if (value.device.type == "cpu" and value.numel() and not torch.compiler.is_compiling()
+                and bool((value > 1.0).any() if allow_one else (value >= 1.0).any())):
+            raise ValueError(f"{name} must be {limit} everywhere (1 - {name} is the lower ratio "
+                             f"bound), got a maximum of {float(value.max())}")
+    elif value > 1.0 or (value == 1.0 and not allow_one):
+        raise ValueError(f"{name} must be {limit} (1 - {name} is the lower ratio bound), "
+                         f"got {value}")
+    return value
+
+
 def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
                          eps_high: ScalarOrTensor = 0.2, alpha: float = 1.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,15 +74,28 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
     ε_low' = ε_low·(1 - α·ĥ) where ĥ ≤ 0, else ε_low;
     ε_high' = ε_high·(1 + α·ĥ) where ĥ > 0, else ε_high.
     Low-entropy tokens may fall further, high-entropy tokens rise further; with ĥ ∈ [-1, 1]
-    and α ≥ 0 the bounds only widen.
+    and α ≥ 0 the bounds only widen. Requires 0 ≤ ε_low < 1, ε_high ≥ 0 and α ≥ 0 (a
+    ValueError otherwise); the widened ε_low' may reach 1 or more, which only removes the
+    lower clip of those tokens (r > 0 ≥ 1 - ε_low').
     """
     h_hat = check_tensor("h_hat", h_hat, floating=True)
-    eps_low = check_float_or_tensor("eps_low", eps_low, h_hat)
-    eps_high = check_float_or_tensor("eps_high", eps_high, h_hat)
-    alpha = check_float("alpha", alpha)
-    ones = torch.ones_like(h_hat)
-    low = eps_low * torch.where(h_hat <= 0, 1.0 - alpha * h_hat, ones)
-    high = eps_high * torch.where(h_hat > 0, 1.0 + alpha * h_hat, ones)
+    eps_low = check_clip_eps("eps_low", eps_low, h_hat, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, h_hat, lower=False)
+    alpha = check_float("alpha", alpha, min_value=0.0)
+    return _widened_eps(h_hat, eps_low, eps_high, alpha)
+
+
+def _widened_eps(h_hat: torch.Tensor, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
+                 alpha: float, *, as_ratio_bounds: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_low', ε_high') = (ε_low + ε_low·α·(-min(ĥ, 0)), ε_high + ε_high·α·max(ĥ, 0)), the
+    where-form above in three passes each; with ``as_ratio_bounds`` the ratio bounds
+    (1 - ε_low', 1 + ε_high') = (1 - ε_low + ε_low·α·min(ĥ, 0), 1 + ε_high + ε_high·α·max(ĥ, 0)),
+    also in three passes."""
+    sign = -1.0 if as_ratio_bounds else 1.0
+    offset = 1.0 if as_ratio_bounds else 0.0
+    low = h_hat.clamp(max=0.0).mul_(-sign * alpha * eps_low).add_(offset + sign * eps_low)
+    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(offset + eps_high)
     return low, high
 
 
@@ -79,32 +114,93 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
 
     Pass the global ``num_tokens`` / ``num_sequences`` (over every micro-batch and rank of
     the optimizer step, e.g. from ``global_token_count``) and sum the per-micro-batch results:
-    the total is then exactly the full-batch value, however the batch was split. An empty
-    denominator counts as 1, so an all-masked batch gives 0, not NaN.
+    the total is then exactly the full-batch value, however the batch was split.
+
+    A given denominator (number or one-element tensor) must be > 0 and is used as given
+    (see ``given_denominator``: values are checked on the CPU; on an accelerator a 0 gives
+    inf or NaN). A default denominator counted from an empty mask counts as 1, so an
+    all-masked batch gives 0, not NaN.
     """
     per_token = check_tensor("per_token", per_token, floating=True)
     valid = check_mask("mask", mask, per_token.shape)
     check_same_device("mask", valid, "per_token", per_token)
     mode = check_choice("mode", mode, AGGREGATION_MODES)
+    scale = aggregation_scale(valid, mode, per_token.dtype, num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
     masked = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
                                                        device=per_token.device))
+    return scaled_sum(masked, scale)
+
+
+def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
+                      num_tokens: float | torch.Tensor | None = None,
+                      num_sequences: float | torch.Tensor | None = None,
+                      normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The factor s with ``aggregate_loss`` = Σ_t m·ℓ·s (see there for the modes): a 0-d
+    tensor, or one per response, shape (B, 1), for seq-mean-token-mean (1 / (L_i·N_seq)).
+    Every given denominator is checked (``given_denominator``), whether or not ``mode``
+    uses it. It is also ∂loss/∂ℓ, the upstream gradient of every valid token."""
+    mode = check_choice("mode", mode, AGGREGATION_MODES)
+    ref = torch.empty((), dtype=dtype, device=valid.device)
+    given = {name: given_denominator(name, value, ref) for name, value in
+             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
+              ("normalizer", normalizer)) if value is not None}
     if mode == "token-sum":
-        return masked.sum()
+        return torch.ones((), dtype=dtype, device=valid.device)
     if mode == "token-mean":
-        denominator = valid.sum() if num_tokens is None else num_tokens
-        return masked.sum() / _positive(denominator, "num_tokens", per_token)
+        denominator = given.get("num_tokens")
+        if denominator is None:
+            denominator = _default_denominator(torch.count_nonzero(valid), ref)
+        return denominator.reciprocal()
     if mode == "seq-mean-token-sum-norm":
-        denominator = per_token.shape[-1] if normalizer is None else normalizer
-        return masked.sum() / _positive(denominator, "normalizer", per_token)
-    if per_token.dim() != 2:
+        denominator = given.get("normalizer")
+        if denominator is None:
+            denominator = _default_denominator(valid.shape[-1] if valid.dim() else 1, ref)
+        return denominator.reciprocal()
+    if valid.dim() != 2:
         raise ValueError(f"per_token must have shape (B, L) for mode {mode!r}, "
-                         f"got {tuple(per_token.shape)}")
-    row_sums = masked.sum(-1)
-    lengths = valid.sum(-1)
-    if mode == "seq-mean-token-mean":
-        row_sums = row_sums / lengths.clamp_min(1).to(row_sums.dtype)
-    denominator = (lengths > 0).sum() if num_sequences is None else num_sequences
-    return row_sums.sum() / _positive(denominator, "num_sequences", per_token)
+                         f"got {tuple(valid.shape)}")
+    lengths = torch.count_nonzero(valid, dim=-1).unsqueeze(-1)
+    denominator = given.get("num_sequences")
+    if denominator is None:
+        denominator = _default_denominator(torch.count_nonzero(lengths), ref)
+    if mode == "seq-mean-token-sum":
+        return denominator.reciprocal()
+    return (lengths.clamp_min(1).to(dtype) * denominator).reciprocal()
+
+
+def scaled_sum(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Σ values·scale for a scale from ``aggregation_scale`` (0-d, or (B, 1) per row)."""
+    if scale.dim() == 0:
+        return values.sum() * scale
+    return (values.sum(-1, keepdim=True) * scale).sum()
+
+
+def given_denominator(name: str, value: float | torch.Tensor, ref: torch.Tensor
+                      ) -> torch.Tensor:
+    """A denominator given by the caller, as a 0-d tensor of ``ref``'s dtype and device.
+
+    It must be a finite number > 0 and is used as given (0.5 halves nothing away, 0 is an
+    error, never raised to 1). A one-element tensor is checked on the CPU (outside
+    ``torch.compile``); on an accelerator its value is not read (no host sync): a
+    denominator of 0 there gives an inf or NaN loss, a negative one flips its sign.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got dtype "
+                            f"{value.dtype} and shape {tuple(value.shape)}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            number = float(value)
+            if not (math.isfinite(number) and number > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {number}")
+        return value.reshape(()).to(device=ref.device, dtype=ref.dtype)
+    value = check_float(name, value, min_value=0.0, min_inclusive=False)
+    return torch.tensor(value, dtype=ref.dtype, device=ref.device)
+
+
+def _default_denominator(count: int | torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A count from the mask, at least 1: nothing valid gives a loss of 0, not NaN."""
+    return torch.as_tensor(count, device=ref.device).clamp_min(1).to(ref.dtype)
 
 
 def global_token_count(mask: torch.Tensor | Sequence[torch.Tensor],
@@ -137,13 +233,6 @@ def _count(mask, count_one) -> torch.Tensor:
     return torch.stack([c.to(counts[0].device) for c in counts]).sum()
 
 
-def _positive(denominator: float | torch.Tensor, name: str, ref: torch.Tensor) -> torch.Tensor:
-    if isinstance(denominator, torch.Tensor):
-        return denominator.to(device=ref.device, dtype=ref.dtype).clamp_min(1.0)
-    value = check_float(name, denominator, min_value=0.0)
-    return torch.tensor(max(value, 1.0), dtype=ref.dtype, device=ref.device)
-
-
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``valid`` is set (0 when nothing is valid; no host sync)."""
     total = torch.where(valid, values, torch.zeros_like(values)).sum()
@@ -163,22 +252,60 @@ def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         f"got {old_logprobs.dtype}")
     advantages = check_tensor("advantages", advantages, floating=True)
     check_same_device("advantages", advantages, "logprobs", logprobs)
-    if advantages.shape != logprobs.shape:
-        try:
-            advantages = advantages.reshape(advantages.shape + (1,) * (logprobs.dim() - advantages.dim())).expand_as(logprobs)
-        except RuntimeError:
-            raise ValueError(f"advantages must have the shape of logprobs {tuple(logprobs.shape)} "
-                             f"or (B,), got {tuple(advantages.shape)}") from None
+    advantages = per_token_view("advantages", advantages, logprobs)
     valid = check_mask("mask", mask, logprobs.shape)
     check_same_device("mask", valid, "logprobs", logprobs)
     return logprobs, old_logprobs, advantages, valid
 
 
+def per_token_view(name: str, value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` broadcast to the token shape (..., L) of ``ref``, as a view.
+
+    A tensor with one dimension less than ``ref`` holds one value per response, shape
+    (...,), broadcast over the tokens of its response (never along the token axis, even
+    when B == L); a tensor with as many dimensions broadcasts as usual (e.g. (B, 1)); a 0-d
+    tensor applies to every token.
+    """
+    if value.dim() == ref.dim() - 1:
+        value = value.unsqueeze(-1)
+    if value.dim() in (0, ref.dim()):
+        try:
+            return value.expand(ref.shape)
+        except RuntimeError:
+            pass
+    raise ValueError(f"{name} must have the token shape {tuple(ref.shape)} or one value per "
+                     f"response {tuple(ref.shape[:-1])}, got {tuple(value.shape)}")
+
+
+def check_loss_weights(weights: torch.Tensor | None, logprobs: torch.Tensor
+                       ) -> torch.Tensor | None:
+    """Detached per-token weights of a policy loss, broadcast to the token shape: given per
+    token (..., L) or per response (...,), like the advantages; floating point, on the
+    device of ``logprobs``."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    check_same_device("weights", weights, "logprobs", logprobs)
+    return per_token_view("weights", weights.detach(), logprobs)
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a policy loss computes and returns in: float32 for 16-bit log-probs (a
+    ratio near 1 needs more than 8 or 11 bits: GSPO's ε of 3e-4 is below bf16 resolution),
+    float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
                       log_ratio_clamp: float) -> torch.Tensor:
-    """clamp(logp - logp_old, ±log_ratio_clamp), 0 at masked positions (whatever they hold)."""
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = torch.where(valid, logprobs - old_logprobs, zero)
+    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype (differentiable), 0 at
+    masked positions (whatever they hold)."""
+    dtype = loss_dtype(logprobs.dtype)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), zero)
     return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
 
 
@@ -192,10 +319,12 @@ def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
 def ratio_and_advantages(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          advantages: torch.Tensor, valid: torch.Tensor, log_ratio_clamp: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log r, r, A) of a policy loss: the clamped log-ratio, r = exp(log r) and the masked,
-    detached advantages, all 0-safe at masked positions."""
+    """(log r, r, A) of a policy loss in the loss dtype: the clamped log-ratio (with
+    gradient), r = exp(log r) and the masked, detached advantages, all 0-safe at masked
+    positions."""
     log_ratio = clamped_log_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
-    return log_ratio, log_ratio.exp(), masked_advantages(advantages, valid, logprobs.dtype)
+    return (log_ratio, log_ratio.exp(),
+            masked_advantages(advantages, valid, loss_dtype(logprobs.dtype)))
 
 
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrTensor,
@@ -208,10 +337,120 @@ def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrT
     return torch.maximum(unclipped, clipped), unclipped, clipped
 
 
+# ------------------------------------------------------------------ the fused clipped loss
+#
+# On the valid tokens, with q the clipped ratio,
+#   A > 0:  ℓ = max(-A·r, -A·clip(r, 1-ε_low, 1+ε_high)) = -A·min(r, 1+ε_high)
+#   A ≤ 0:  ℓ = -A·max(r, 1-ε_low), and with the dual clip min(ℓ, -A·c) = -A·min(max(r, 1-ε_low), c)
+# so ℓ = -A·q with q = min(r, 1+ε_high) or min(max(r, 1-ε_low), c): one expression. Its
+# derivative in log π is -A·r = ℓ where q = r (the unclipped branch, |log r| inside the
+# log-ratio clamp) and 0 elsewhere; the clip metrics are the signs of q - r. Eager torch
+# needs a pass per operation; torch.compile and a GPU fuse them.
+
+
+def _log_ratio_and_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                         invalid: torch.Tensor, log_ratio_clamp: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(logp - logp_old, ±clamp), its exp) in the loss dtype, no gradient, 0 and 1 at
+    masked positions."""
+    dtype = loss_dtype(logprobs.dtype)
+    with torch.no_grad():
+        log_ratio = torch.sub(logprobs.detach().to(dtype), old_logprobs.detach().to(dtype))
+        log_ratio.masked_fill_(invalid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
+        return log_ratio, log_ratio.exp()
+
+
+class _ClippedPolicyGradient(torch.autograd.Function):
+    """(Σ s·ℓ, ℓ) with ℓ = -coef·q, as functions of the log-probs: ∂ℓ/∂log π = ℓ except
+    where ``held`` (by a clip or the log-ratio clamp), 0 there. Backward is one elementwise
+    expression, where(held, 0, ℓ·upstream), in the dtype of the log-probs."""
+
+    @staticmethod
+    def forward(ctx, logprobs, coef, clipped_ratio, held, scale):
+        zero = torch.zeros((), dtype=coef.dtype, device=coef.device)
+        per_token = torch.addcmul(zero, coef, clipped_ratio, value=-1.0)
+        ctx.save_for_backward(per_token, held, scale)
+        ctx.set_materialize_grads(False)
+        ctx.logprobs_dtype = logprobs.dtype
+        return scaled_sum(per_token, scale), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_token):
+        per_token, held, scale = ctx.saved_tensors
+        upstream = None if grad_loss is None else grad_loss * scale
+        if grad_per_token is not None:
+            upstream = grad_per_token if upstream is None else grad_per_token + upstream
+        if upstream is None:
+            return None, None, None, None, None
+        grad = (per_token * upstream).masked_fill_(held, 0.0)
+        return grad.to(ctx.logprobs_dtype), None, None, None, None
+
+
+def _fraction(chosen: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(chosen).to(count.dtype) / count
+
+
+def _loss_coefficient(advantages: torch.Tensor, weights: torch.Tensor | None,
+                      valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A·w in the loss dtype, detached, 0 off the mask (whatever A and w hold there)."""
+    with torch.no_grad():
+        advantages = advantages.detach().to(dtype)
+        if weights is not None:
+            advantages = advantages * weights
+        return torch.where(valid, advantages, torch.zeros((), dtype=dtype,
+                                                          device=advantages.device))
+
+
+def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Tensor,
+                  log_ratio: torch.Tensor, ratio: torch.Tensor, coef: torch.Tensor,
+                  lower: ScalarOrTensor, upper: ScalarOrTensor, dual_clip: float | None,
+                  log_ratio_clamp: float, scale: torch.Tensor, *, own_bounds: bool = False
+                  ) -> PolicyLossOutput:
+    """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``), the
+    coefficient A·w (``_loss_coefficient``) and the ratio bounds 1 - ε_low, 1 + ε_high: the
+    one home of ``clipped_policy_loss`` and ``hapo_policy_loss``. ``log_ratio`` and
+    ``ratio`` are overwritten; so are the bounds with ``own_bounds`` (full-shape tensors,
+    finite off the mask, owned by the caller)."""
+    dtype = ratio.dtype
+    with torch.no_grad():
+        positive = coef > 0
+        cap = math.inf if dual_clip is None else dual_clip
+        if own_bounds:
+            clipped = torch.maximum(ratio, lower, out=lower).clamp_(max=cap)
+            torch.where(positive, torch.minimum(ratio, upper, out=upper), clipped, out=clipped)
+        elif isinstance(lower, torch.Tensor) or isinstance(upper, torch.Tensor):
+            lower = torch.as_tensor(lower, device=ratio.device).to(dtype)
+            upper = torch.as_tensor(upper, device=ratio.device).to(dtype)
+            clipped = torch.maximum(ratio, lower).clamp_(max=cap)
+            torch.where(positive, torch.minimum(ratio, upper), clipped, out=clipped)
+            clipped.masked_fill_(invalid, 1.0)      # whatever the bounds hold off the mask
+        else:
+            clipped = ratio.clamp(min=lower, max=cap)
+            torch.where(positive, ratio.clamp(max=upper), clipped, out=clipped)
+        held_below = clipped < ratio    # A > 0: the upper clip; A < 0: the dual clip
+        held_above = clipped > ratio    # A < 0: the lower clip
+        negative = coef < 0
+        count = torch.count_nonzero(valid).clamp_min(1).to(dtype)
+        clip_frac_high = _fraction(held_below & positive, count)
+        clip_frac_low = _fraction(held_above & negative, count)
+        dual_clip_frac = (torch.zeros((), dtype=dtype, device=ratio.device) if dual_clip is None
+                          else _fraction(held_below & negative, count))
+        held = held_below | held_above
+        # Below, ratio and log_ratio are overwritten (no longer needed; no new tensors).
+        # approx_kl: mean over valid tokens of (r - 1) - log r; masked tokens add exactly 0
+        # (r = 1, log r = 0); r - 1 is exact in floating point near 1.
+        approx_kl = ratio.sub_(1.0).sub_(log_ratio).sum() / count
+        held |= log_ratio.abs_() >= log_ratio_clamp     # no gradient past the clamp
+    loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, held, scale)
+    return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
+                            dual_clip_frac, torch.zeros_like(clip_frac_low))
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor, *,
                         eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.28,
                         dual_clip: float | None = None, log_ratio_clamp: float = 20.0,
+                        weights: torch.Tensor | None = None,
                         agg: str = "token-mean", num_tokens: float | torch.Tensor | None = None,
                         num_sequences: float | torch.Tensor | None = None,
                         normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
@@ -219,51 +458,95 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
     r = exp(clamp(logp - logp_old, ±log_ratio_clamp)),
     ℓ = max(-A·r, -A·clip(r, 1 - ε_low, 1 + ε_high)),
-    with ``dual_clip`` c > 1 and A < 0: ℓ = min(ℓ, -A·c).
-    ε may be floats or per-token tensors. Masked positions give ℓ = 0 and zero gradient
-    whatever they hold (NaN and inf included). ``agg`` and the denominators go to
-    :func:`aggregate_loss`.
+    with ``dual_clip`` c > 1 and A < 0: ℓ = min(ℓ, -A·c); with ``weights`` w: ℓ·w.
+    Masked positions give ℓ = 0 and zero gradient whatever they hold (NaN and inf included).
+    The math is done in float32 whatever the input dtype (float64 stays float64).
+
+    Args:
+      logprobs: (..., L) float log-probs of the sampled tokens under the current policy
+        (any float dtype; the gradient flows back in that dtype).
+      old_logprobs: same shape and dtype, under the behaviour policy (no gradient).
+      advantages: (..., L) per token, or (...,) one per response (broadcast over its tokens);
+        any float dtype; detached.
+      mask: (..., L) bool or numeric, 1 = valid token.
+      eps_low: ε_low in [0, 1), a float or a tensor broadcastable to (..., L).
+      eps_high: ε_high ≥ 0, a float or a tensor.
+      dual_clip: c > 1, or None for no dual clip.
+      log_ratio_clamp: bound (> 0) on |log r| before exp; a token at or beyond it gets no
+        gradient.
+      weights: optional float weights (..., L) per token or (...,) per response, detached,
+        multiplying ℓ before aggregation (e.g. from ``rollout_correction``).
+      agg, num_tokens, num_sequences, normalizer: the aggregation, see ``aggregate_loss``.
+
+    Returns:
+      ``PolicyLossOutput``: ``loss`` 0-d, ``per_token`` (..., L) (ℓ·w, 0 off the mask) and the
+      0-d metrics ``clip_frac_low``, ``clip_frac_high``, ``approx_kl``, ``dual_clip_frac``
+      (``selected_frac`` = 0), all in float32 (float64 for float64 inputs).
+
+    Example:
+      >>> import torch
+      >>> old = torch.full((1, 4), -1.0)
+      >>> logp = (old + torch.tensor([[0.0, 0.5, -0.5, 0.0]])).requires_grad_(True)
+      >>> out = clipped_policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 4))
+      >>> out.per_token      # r = e^0.5 is held at 1.28; r = e^-0.5 is not clipped (A > 0)
+      tensor([[-1.0000, -1.2800, -0.6065, -1.0000]],
+             grad_fn=<_ClippedPolicyGradientBackward>)
+      >>> out.clip_frac_high
+      tensor(0.2500)
+      >>> out.loss.backward(); logp.grad
+      tensor([[-0.2500,  0.0000, -0.1516, -0.2500]])
+
+    References:
+      Schulman et al., 2017, *Proximal Policy Optimization Algorithms*, arXiv 1707.06347;
+      Ye et al., 2019, dual clip, arXiv 1912.09729; Yu et al., 2025, *DAPO* (decoupled
+      ε_low / ε_high), arXiv 2503.14476.
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    eps_low = check_float_or_tensor("eps_low", eps_low, logprobs)
-    eps_high = check_float_or_tensor("eps_high", eps_high, logprobs)
-    if dual_clip is not None:
-        dual_clip = check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
+    dual_clip = _check_dual_clip(dual_clip)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
-    check_choice("agg", agg, AGGREGATION_MODES)
+    agg = check_choice("agg", agg, AGGREGATION_MODES)
+    weights = check_loss_weights(weights, logprobs)
+    scale = aggregation_scale(valid, agg, loss_dtype(logprobs.dtype), num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
+    invalid = ~valid
+    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
+    coef = _loss_coefficient(advantages, weights, valid, ratio.dtype)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, 1.0 - eps_low,
+                         1.0 + eps_high, dual_clip, log_ratio_clamp, scale)
 
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
-                                                 log_ratio_clamp)
-    lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    per_token, _, _ = clipped_surrogate(ratio, adv, eps_low, eps_high)
-    capped = torch.zeros_like(valid)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        capped = (adv < 0) & (cap < per_token)
-        per_token = torch.where(capped, cap, per_token)
-    per_token = torch.where(valid, per_token, zero)
-    loss = aggregate_loss(per_token, valid, agg, num_tokens=num_tokens,
-                          num_sequences=num_sequences, normalizer=normalizer)
-    with torch.no_grad():
-        r = ratio.detach()
-        clip_frac_low = masked_mean(((adv < 0) & (r < lower)).to(r.dtype), valid)
-        clip_frac_high = masked_mean(((adv > 0) & (r > upper)).to(r.dtype), valid)
-        dual_clip_frac = masked_mean((capped & valid).to(r.dtype), valid)
-        approx_kl = masked_mean((r - 1.0) - log_ratio.detach(), valid)
-    return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            dual_clip_frac, torch.zeros_like(dual_clip_frac))
+
+def _redistribute_in_place(coef: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,
+                           lower: torch.Tensor, upper: torch.Tensor, beta: float
+                           ) -> torch.Tensor:
+    """``redistribute_advantages`` (HAPO §3.3) applied in place to the loss coefficient A·w,
+    from the ratio bounds lower = 1 - ε_low', upper = 1 + ε_high' the loss already holds:
+    r ∈ N = (1 - ε_low'/2, 1 + ε_high'/2) ⇔ lower < 2r - 1 < upper, and
+    A' = A·(1 + β·ĥ) unless (ĥ > 0) == (r ∈ N). Two passes' worth of new tensors instead of
+    seven; ``h_hat`` is overwritten. Equal to ``redistribute_advantages`` (tested)."""
+    doubled = ratio.mul(2.0).sub_(1.0)
+    inside = (doubled > lower) & (doubled < upper)
+    kept = (h_hat > 0) == inside
+    return coef.mul_(h_hat.mul_(beta).add_(1.0).masked_fill_(kept, 1.0))
+
+
+def _check_dual_clip(dual_clip: object) -> float | None:
+    if dual_clip is None:
+        return None
+    return check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
 
 
 def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                      advantages: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, *,
                      stats: EntropyStats | None = None, variant: str = "paper",
-                     eps_low: float = 0.2, eps_high: float = 0.2, alpha: float = 1.0,
-                     beta: float = 1.0, quantile: float = 0.8, dual_clip: float | None = 10.0,
-                     agg: str = "token-mean", log_ratio_clamp: float = 20.0,
-                     entropy_eps: float = 1e-8,
+                     eps_low: ScalarOrTensor = 0.2, eps_high: ScalarOrTensor = 0.2,
+                     alpha: float = 1.0, beta: float = 1.0, quantile: float = 0.8,
+                     dual_clip: float | None = 10.0, agg: str = "token-mean",
+                     log_ratio_clamp: float = 20.0, entropy_eps: float = 1e-8,
+                     weights: torch.Tensor | None = None,
                      num_tokens: float | torch.Tensor | None = None,
                      num_sequences: float | torch.Tensor | None = None,
                      normalizer: float | torch.Tensor | None = None) -> PolicyLossOutput:
@@ -274,9 +557,49 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
          unless given, with ``quantile``);
       2. (ε_low', ε_high') = adaptive_clip_bounds(ĥ, eps_low, eps_high, alpha);
       3. A' = redistribute_advantages(A, ĥ, r, eps_low=ε_low', eps_high=ε_high', beta);
-      4. clipped_policy_loss(logp, logp_old, A', mask, ε_low', ε_high', dual_clip).
+      4. ℓ = the clipped loss of ``clipped_policy_loss`` with A', ε_low', ε_high' and the
+         dual clip, times ``weights``.
     With α = β = 0 this is ``clipped_policy_loss`` with the base ε. ``variant="released"``
-    reproduces the public reference code's ĥ (its sign slip below the pivot).
+    reproduces the public reference code's ĥ (its sign slip below the pivot). ĥ is float32;
+    the loss math is float32 whatever the input dtype (float64 stays float64).
+
+    Args:
+      logprobs: (..., L) float log-probs of the sampled tokens under the current policy
+        (any float dtype; the gradient flows back in that dtype).
+      old_logprobs: same shape and dtype, under the behaviour policy (no gradient).
+      advantages: (..., L) per token or (...,) per response; detached.
+      entropy: (..., L) float token entropies H (nats, at temperature 1); detached.
+      mask: (..., L) bool or numeric, 1 = valid token.
+      stats: ``EntropyStats`` from ``entropy_stats`` (e.g. over every data-parallel rank);
+        default: from this call's entropy and mask.
+      variant: "paper" or "released".
+      eps_low: base ε_low in [0, 1) (float or tensor); eps_high: base ε_high ≥ 0.
+      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β, the redistribution strength.
+      quantile: q in [0, 1] of the entropy pivot (when ``stats`` is None).
+      dual_clip: c > 1 or None; log_ratio_clamp: bound on |log r| (> 0).
+      entropy_eps: floor of H before the log.
+      weights: optional (..., L) or (...,) float weights on ℓ, detached.
+      agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
+
+    Returns:
+      ``PolicyLossOutput`` as ``clipped_policy_loss`` (fractions over the adaptive bounds;
+      ``dual_clip_frac`` the dual clip's; ``selected_frac`` = 0), float32 (float64 inputs:
+      float64).
+
+    Example:
+      >>> import torch
+      >>> entropy = torch.exp(torch.tensor([[-3.0, -2.0, -1.0, 0.0, 1.0]]))  # ĥ = -1 … 1
+      >>> old = torch.full((1, 5), -0.5)
+      >>> logp = (old + torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.6931]])).requires_grad_(True)
+      >>> out = hapo_policy_loss(logp, old, torch.tensor([1.0]), entropy, torch.ones(1, 5),
+      ...                        quantile=0.5)
+      >>> out.per_token   # A' = 0, 0.5, 1, 1, 2; the last ratio (2) held at 1 + 0.4
+      tensor([[ 0.0000, -0.5000, -1.0000, -1.0000, -2.8000]],
+             grad_fn=<_ClippedPolicyGradientBackward>)
+
+    References:
+      HAPO, arXiv 2509.16591, §3.3 (advantage redistribution) and §3.4 (adaptive clipping);
+      PPO, arXiv 1707.06347; dual clip, arXiv 1912.09729.
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
@@ -284,22 +607,33 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     check_same_shape("entropy", entropy, "logprobs", logprobs)
     check_same_device("entropy", entropy, "logprobs", logprobs)
     variant = check_variant(variant)
+    eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
+    eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
+    alpha = check_float("alpha", alpha, min_value=0.0)
+    beta = check_float("beta", beta)
+    dual_clip = _check_dual_clip(dual_clip)
+    log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
+                                  min_inclusive=False)
+    agg = check_choice("agg", agg, AGGREGATION_MODES)
+    weights = check_loss_weights(weights, logprobs)
+    dtype = loss_dtype(logprobs.dtype)
+    scale = aggregation_scale(valid, agg, dtype, num_tokens=num_tokens,
+                              num_sequences=num_sequences, normalizer=normalizer)
+    invalid = ~valid
     with torch.no_grad():
         entropy = entropy.detach()
         if stats is None:
             stats = entropy_stats(entropy, valid, quantile=quantile, eps=entropy_eps)
-        # ĥ is float32 (see log_entropy); the bounds take the precision of the loss.
+        # ĥ is float32 (see log_entropy); 0 off the mask, whatever the entropy holds there
         h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
-        h_hat = h_hat.to(logprobs.dtype)
-        clip_low, clip_high = adaptive_clip_bounds(h_hat, eps_low=eps_low, eps_high=eps_high,
-                                                   alpha=alpha)
-        log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
-                                      min_inclusive=False)
-        ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
-                                  log_ratio_clamp).exp()
-        adv = redistribute_advantages(advantages.detach(), h_hat, ratio, eps_low=clip_low, eps_high=clip_high,
-                                      beta=beta)
-    return clipped_policy_loss(logprobs, old_logprobs, adv, valid, eps_low=clip_low,
-                               eps_high=clip_high, dual_clip=dual_clip,
-                               log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens,
-                               num_sequences=num_sequences, normalizer=normalizer)
+        h_hat = h_hat.to(dtype).masked_fill_(invalid, 0.0)
+        lower, upper = _widened_eps(h_hat, eps_low, eps_high, alpha, as_ratio_bounds=True)
+        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
+                                                log_ratio_clamp)
+        if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
+            lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
+            upper.masked_fill_(invalid, 1.0)
+        coef = _redistribute_in_place(_loss_coefficient(advantages, weights, valid, dtype),
+                                      h_hat, ratio, lower, upper, beta)
+    return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, lower, upper,
+                         dual_clip, log_ratio_clamp, scale, own_bounds=True)
