@@ -300,7 +300,7 @@ def test_torch_and_triton_thresholds_keep_the_same_sets():
     thresholds that keep the same entries, for every dtype."""
     if not INTERPRETING and not HAS_CUDA:
         pytest.skip("needs Triton")
-    from hapo_ops.vocab.logprob_entropy import truncation_threshold
+    from hapo_ops.vocab.truncation import truncation_threshold
     device = "cuda" if HAS_CUDA else "cpu"
     torch.manual_seed(3)
     for dtype in DTYPES:
@@ -453,21 +453,31 @@ def test_opcheck_and_compile_without_graph_break(impl, device):
     kept = torch.tensor([[0, 3, -1], [1, 1, 2], [-1, 5, -1], [8, 7, 6]], device=device)
     temperature = torch.rand(4, device=device) + 0.5
     ops = torch.ops.hapo_ops
-    torch.library.opcheck(ops.kept_logprobs_entropy,
-                          (logits, kept, labels, temperature, 1.0, -100, False))
-    _, entropy, state = ops.kept_logprobs_entropy(logits.detach(), kept, labels, None, 0.7,
-                                                  -100, False)
-    args = (logits.detach(), kept, labels, None, 0.7, state, entropy,
-            torch.randn(4, device=device), torch.randn(4, device=device), -100)
-    torch.library.opcheck(ops.kept_logprobs_entropy_backward, args)
-    torch.library.opcheck(ops.kept_logprobs_entropy_backward_, (logits.detach().clone(),)
+    # The one op of every subset: kept ids (local coordinates), then a threshold.
+    torch.library.opcheck(ops.logprobs_entropy,
+                          (logits, labels, labels, temperature, 1.0, -100, impl, False, 3, None,
+                           kept))
+    _, entropy, state, _ = ops.logprobs_entropy(logits.detach(), labels, labels, None, 0.7,
+                                                -100, impl, False, 3, None, kept)
+    args = (logits.detach(), labels, None, 0.7, state, entropy, torch.randn(4, device=device),
+            torch.randn(4, device=device), impl, 3, None, kept)
+    torch.library.opcheck(ops.logprobs_entropy_backward, args)
+    torch.library.opcheck(ops.logprobs_entropy_backward_, (logits.detach().clone(),)
                           + args[1:])
     top_k = torch.tensor([2, 0, 5, 9], device=device)
     torch.library.opcheck(ops.truncation_threshold,
                           (logits.detach(), temperature, 1.0, top_k, 0, None, 0.8, impl, 2))
     threshold = ops.truncation_threshold(logits.detach(), None, 1.0, None, 3, None, 1.0, impl, 2)
     torch.library.opcheck(ops.logprobs_entropy,
-                          (logits, labels, temperature, 1.0, -100, impl, False, 3, threshold))
+                          (logits, labels, labels, temperature, 1.0, -100, impl, False, 3,
+                           threshold))
+    _, entropy, state, _ = ops.logprobs_entropy(logits.detach(), labels, labels, None, 0.7,
+                                                -100, impl, False, 3, threshold)
+    args = (logits.detach(), labels, None, 0.7, state, entropy, torch.randn(4, device=device),
+            None, impl, 3, threshold)
+    torch.library.opcheck(ops.logprobs_entropy_backward, args)
+    torch.library.opcheck(ops.logprobs_entropy_backward_, (logits.detach().clone(),)
+                          + args[1:])
 
     def loss(z, y, t, kept_ids, k):
         a_logp, a_entropy = hapo_ops.logprobs_and_entropy(z, y, temperature=t, impl=impl,
