@@ -356,7 +356,8 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     without materializing the N×V logits.
 
     Args:
-      hidden: (..., D) float16, bfloat16, float32 (or float64 on the torch path).
+      hidden: (..., D) float16, bfloat16, float32 (or float64, always on the torch path);
+        an empty batch (e.g. (0, D)) gives empty results and zero weight/bias gradients.
       weight: (V, D) LM head as ``nn.Linear`` stores it, same dtype as ``hidden``.
       labels: (...) = hidden.shape[:-1], integer ids; ``ignore_index`` positions give logp 0
         and no logp gradient (their entropy is still computed). Labels outside [0, V) (with
@@ -398,7 +399,7 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
       ...     -1, labels[:3, None])[:, 0], atol=1e-5)
       True
     """
-    hidden = check_tensor("hidden", hidden, floating=True)
+    hidden = check_tensor("hidden", hidden, floating=True, allow_empty=True)
     weight = check_tensor("weight", weight, floating=True)
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
