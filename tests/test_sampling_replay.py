@@ -518,3 +518,48 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         hapo_ops.logprobs_and_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long),
                                       **kwargs)
+
+
+# --------------------------------------------------------------------------- precision edges
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logits_one_ulp_apart_stay_apart(impl, device, dtype):
+    """Every bit the dtype carries is searched: 16-bit logits one ulp apart (at several
+    magnitudes, positive and negative) are never merged by top-k or top-p."""
+    rows = []
+    for value in (1.0, 3.0, -2.0, 700.0, 0.01):
+        top = torch.tensor(value, dtype=dtype)
+        below = torch.nextafter(top, torch.tensor(float("-inf"), dtype=dtype))
+        far = torch.tensor([value - 40.0, value - 60.0]).to(dtype)
+        rows.append(torch.cat([torch.stack([below, top]), far]))
+    logits = torch.stack(rows).to(device)
+    labels = torch.ones(len(rows), dtype=torch.long, device=device)   # the max
+    for kwargs in (dict(top_k=1), dict(top_p=0.3), dict(top_k=2, top_p=0.3)):
+        logp, entropy = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl, **kwargs)
+        assert (logp == 0).all() and (entropy == 0).all(), (kwargs, logp, entropy)
+    logp = hapo_ops.token_logprobs(logits, torch.zeros_like(labels), impl=impl, top_k=2)
+    expected = torch.log_softmax(logits[:, :2].float(), -1)[:, 0]
+    torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_top_p_of_zero_mass_keeps_the_most_probable_token(impl, device):
+    """A top-p whose target mass is 0 (a p that rounds to 0 in float32, or a per-position 0
+    where values are not checked) still keeps the most probable tokens (ties included)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 1.0, 0.0, -2.0]], device=device)
+    labels = torch.tensor([1, 0], device=device)
+    for top_p in (1e-46, torch.tensor([1e-46, 1e-46], dtype=torch.float64, device=device)):
+        if isinstance(top_p, torch.Tensor) and device == "cpu":
+            continue  # checked on CPU: an entry ≤ 0 raises (below)
+        logp, entropy = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl, top_p=top_p)
+        torch.testing.assert_close(logp, torch.tensor([-0.6931472, 0.0], device=device))
+        torch.testing.assert_close(entropy, torch.tensor([0.6931472, 0.0], device=device))
+    from hapo_ops.vocab.truncation import truncation_threshold
+    theta = truncation_threshold(logits, None, 1.0, None,
+                                 torch.zeros(2, device=device), impl, 4)
+    assert torch.equal(theta, torch.tensor([2.0, 3.0], device=device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="top_p"):
+            hapo_ops.logprobs_and_entropy(logits, labels, top_p=torch.zeros(2))
