@@ -17,7 +17,8 @@ The variants differ in two choices only:
   slice and ``row_statistics.combine_vocab_shards`` all-reduces the statistics (one MAX of
   N and one SUM of 5·N float32 values, independent of V).
 
-Then the same ``finish`` and one label rule (``row_statistics.shard_labels`` decides where a
+Then the same ``finish`` (fused into the Triton kernel for whole rows of the first two
+subsets, the same formulas) and one label rule (``row_statistics.shard_labels`` decides where a
 label is found, ``mask_logprobs`` what follows), and the same backward (``subset_gradient``):
 each part's gradient is the unsharded formula with the whole row's state (M, log1p(rest)),
 -g_lp·p_v on every row whose logp has a gradient and +g_lp at the label where this part

@@ -174,6 +174,7 @@ def shard_vocab_start(vocab_start: object, shard_size: int, tp_group: ProcessGro
     return vocab_start
 
 
-__all__ = ["IMPLS", "KERNEL_DTYPES", "auto_impl", "check_chunk", "check_logits", "check_ignore_index", "check_token_labels", "checks_values",
-           "flat_float32", "inverse_temperature", "prepare_temperature", "resolve_impl", "shard_vocab_start",
+__all__ = ["IMPLS", "KERNEL_DTYPES", "auto_impl", "check_chunk", "check_ignore_index",
+           "check_logits", "check_token_labels", "checks_values", "flat_float32",
+           "inverse_temperature", "prepare_temperature", "resolve_impl", "shard_vocab_start",
            "triton_available"]

@@ -453,7 +453,8 @@ def scatter_kept(grad: torch.Tensor, index: torch.Tensor, use: torch.Tensor,
 
 __all__ = ["KEY_NEG_INF", "KEY_POS_INF", "TORCH_DIGIT_BITS", "TRITON_DIGIT_BITS",
            "candidate_keys", "check_kept_ids", "check_top_k", "check_top_p", "descend",
-           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits", "label_position", "last_counted",
+           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits",
+           "label_position", "last_counted",
            "order_keys", "saturated_row_max", "scatter_kept", "shard_kept_ids",
            "significant_bits", "thresholds", "torch_candidate_sums", "truncates",
            "truncation_threshold"]
