@@ -563,3 +563,36 @@ def test_top_p_of_zero_mass_keeps_the_most_probable_token(impl, device):
     if device == "cpu":
         with pytest.raises(ValueError, match="top_p"):
             hapo_ops.logprobs_and_entropy(logits, labels, top_p=torch.zeros(2))
+
+
+def _tp_edge_worker(rank: int, world: int, impl: str):
+    group = dist.group.WORLD
+    out = {}
+    # An empty batch on every rank: empty results, empty gradients, for every subset.
+    labels = torch.zeros(0, dtype=torch.long)
+    for name, kwargs in (("plain", {}), ("kept", dict(kept_ids=torch.zeros(0, 2).long())),
+                         ("top_k_top_p", dict(top_k=2, top_p=0.8))):
+        shard = torch.randn(0, 4, requires_grad=True)
+        logp, entropy = hapo_ops.logprobs_and_entropy(shard, labels, impl=impl, tp_group=group,
+                                                      **kwargs)
+        (logp.sum() + entropy.sum()).backward()
+        out[name] = (logp.shape, entropy.shape, shard.grad.shape)
+    # A label no shard holds (id 8 ≥ V = 4·world) follows the labels rule with kept ids too:
+    # checked on CPU, on every rank (the check follows the all-reduce).
+    logits = torch.randn(2, 4)
+    kept = torch.tensor([[0, 5, -1], [1, 8, 2]])
+    try:
+        hapo_ops.token_logprobs(logits, torch.tensor([5, 8]), impl=impl, tp_group=group,
+                                kept_ids=kept)
+        out["raises"] = False
+    except ValueError as error:
+        out["raises"] = "no shard" in str(error)
+    return out
+
+
+@pytest.mark.parametrize("impl", TP_IMPLS)
+def test_vocab_parallel_empty_batch_and_label_rule(impl):
+    for res in run_ranks(_tp_edge_worker, 2, impl):
+        for name in ("plain", "kept", "top_k_top_p"):
+            assert res[name] == ((0,), (0,), (0, 4)), name
+        assert res["raises"]
