@@ -256,7 +256,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, scalar_temperatur
         chunk_tokens = max(config.block_n, chunk_tokens // config.block_n * config.block_n)
     chunk_tokens = max(1, min(chunk_tokens, n_rows))
     dz = torch.empty((chunk_tokens, vocab), dtype=hidden.dtype, device=hidden.device)
-    single = chunk_tokens >= n_rows
+    single = 0 < n_rows <= chunk_tokens  # an empty batch: the zero accumulators below
     grad_hidden = (torch.empty((n_rows, dim), dtype=hidden.dtype, device=hidden.device)
                    if want_hidden else None)
     grad_weight = (torch.zeros((vocab, dim), dtype=torch.float32, device=hidden.device)

@@ -174,7 +174,7 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
                              sharded: bool = False,
                              threshold: torch.Tensor | None = None) -> torch.Tensor:
     """∂L/∂logits in the logits dtype: a new contiguous tensor or (``inplace``) the logits
-    buffer itself.
+    buffer itself (any layout: rows two strides cannot address are written through a copy).
 
     ``sharded``: ``logits`` is one vocabulary shard, ``labels`` are shard-local (outside
     [0, V) when another shard holds the label) and ``grad_logp`` is already zero where logp
@@ -183,7 +183,11 @@ def logprob_entropy_backward(logits: torch.Tensor, labels: torch.Tensor,
     (the caller zeroes g_lp where the label lies below θ).
     """
     if inplace and row_layout(logits) is None:
-        raise ValueError("inplace_backward needs logits whose rows two strides can address")
+        # Rows two strides cannot address (a transposed or permuted tensor): the same
+        # gradient, computed out of place and copied into the logits buffer.
+        return logits.copy_(logprob_entropy_backward(
+            logits, labels, temperature, scalar_temperature, state, entropy, grad_logp,
+            grad_entropy, ignore_index, config=config, sharded=sharded, threshold=threshold))
     logits, layout = addressable_rows(logits)
     vocab = logits.shape[-1]
     n_rows = labels.numel()

@@ -204,13 +204,13 @@ def test_opcheck_and_compile_without_graph_break(impl, device):
     ops = torch.ops.hapo_ops
     for t_tensor, t_scalar in ((temperature, 1.0), (None, 0.7)):
         torch.library.opcheck(ops.logprobs_entropy,
-                              (logits, labels, t_tensor, t_scalar, -100, impl, False, 3))
-        _, entropy, state = ops.logprobs_entropy(logits.detach(), labels, t_tensor, t_scalar,
-                                                 -100, impl, False, 3)
+                              (logits, labels, labels, t_tensor, t_scalar, -100, impl, False, 3))
+        _, entropy, state, _ = ops.logprobs_entropy(logits.detach(), labels, labels, t_tensor,
+                                                    t_scalar, -100, impl, False, 3)
         for g_logp, g_entropy in ((torch.randn(4, device=device), None),
                                   (torch.randn(4, device=device), torch.randn(4, device=device))):
             args = (logits.detach(), labels, t_tensor, t_scalar, state, entropy, g_logp,
-                    g_entropy, -100, impl, 3)
+                    g_entropy, impl, 3)
             torch.library.opcheck(ops.logprobs_entropy_backward, args)
             torch.library.opcheck(ops.logprobs_entropy_backward_,
                                   (logits.detach().clone(),) + args[1:])
@@ -254,8 +254,8 @@ class TestBadInput:
     def test_logits_and_impl(self):
         with pytest.raises(TypeError, match="logits"):
             hapo_ops.token_entropy(torch.zeros(2, 5, dtype=torch.long))
-        with pytest.raises(ValueError, match="logits"):
-            hapo_ops.token_entropy(torch.zeros(0, 5))
+        with pytest.raises(ValueError, match="logits"):  # no vocabulary (an empty batch is fine)
+            hapo_ops.token_entropy(torch.zeros(2, 0))
         with pytest.raises(ValueError, match="impl"):
             hapo_ops.token_entropy(torch.zeros(2, 5), impl="cuda")
         with pytest.raises(TypeError, match="ignore_index"):

@@ -313,7 +313,7 @@ def test_kernel_refuses_top_k_top_p():
     (dict(logits=torch.zeros(10)), ValueError, "logits"),
     (dict(logits=torch.zeros(2, 3, 4)), ValueError, "logits"),
     (dict(logits=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "logits"),
-    (dict(logits=torch.zeros(0, 4)), ValueError, "logits"),
+    (dict(logits=torch.zeros(4, 0)), ValueError, "logits"),  # no vocabulary
     (dict(logits=[[0.0, 1.0]]), TypeError, "logits"),
     (dict(stats=(1.0, 2.0)), TypeError, "stats"),
     (dict(base_temperature=0.0), ValueError, "base_temperature"),

@@ -300,7 +300,7 @@ def test_torch_and_triton_thresholds_keep_the_same_sets():
     thresholds that keep the same entries, for every dtype."""
     if not INTERPRETING and not HAS_CUDA:
         pytest.skip("needs Triton")
-    from hapo_ops.vocab.logprob_entropy import truncation_threshold
+    from hapo_ops.vocab.truncation import truncation_threshold
     device = "cuda" if HAS_CUDA else "cpu"
     torch.manual_seed(3)
     for dtype in DTYPES:
@@ -453,21 +453,31 @@ def test_opcheck_and_compile_without_graph_break(impl, device):
     kept = torch.tensor([[0, 3, -1], [1, 1, 2], [-1, 5, -1], [8, 7, 6]], device=device)
     temperature = torch.rand(4, device=device) + 0.5
     ops = torch.ops.hapo_ops
-    torch.library.opcheck(ops.kept_logprobs_entropy,
-                          (logits, kept, labels, temperature, 1.0, -100, False))
-    _, entropy, state = ops.kept_logprobs_entropy(logits.detach(), kept, labels, None, 0.7,
-                                                  -100, False)
-    args = (logits.detach(), kept, labels, None, 0.7, state, entropy,
-            torch.randn(4, device=device), torch.randn(4, device=device), -100)
-    torch.library.opcheck(ops.kept_logprobs_entropy_backward, args)
-    torch.library.opcheck(ops.kept_logprobs_entropy_backward_, (logits.detach().clone(),)
+    # The one op of every subset: kept ids (local coordinates), then a threshold.
+    torch.library.opcheck(ops.logprobs_entropy,
+                          (logits, labels, labels, temperature, 1.0, -100, impl, False, 3, None,
+                           kept))
+    _, entropy, state, _ = ops.logprobs_entropy(logits.detach(), labels, labels, None, 0.7,
+                                                -100, impl, False, 3, None, kept)
+    args = (logits.detach(), labels, None, 0.7, state, entropy, torch.randn(4, device=device),
+            torch.randn(4, device=device), impl, 3, None, kept)
+    torch.library.opcheck(ops.logprobs_entropy_backward, args)
+    torch.library.opcheck(ops.logprobs_entropy_backward_, (logits.detach().clone(),)
                           + args[1:])
     top_k = torch.tensor([2, 0, 5, 9], device=device)
     torch.library.opcheck(ops.truncation_threshold,
                           (logits.detach(), temperature, 1.0, top_k, 0, None, 0.8, impl, 2))
     threshold = ops.truncation_threshold(logits.detach(), None, 1.0, None, 3, None, 1.0, impl, 2)
     torch.library.opcheck(ops.logprobs_entropy,
-                          (logits, labels, temperature, 1.0, -100, impl, False, 3, threshold))
+                          (logits, labels, labels, temperature, 1.0, -100, impl, False, 3,
+                           threshold))
+    _, entropy, state, _ = ops.logprobs_entropy(logits.detach(), labels, labels, None, 0.7,
+                                                -100, impl, False, 3, threshold)
+    args = (logits.detach(), labels, None, 0.7, state, entropy, torch.randn(4, device=device),
+            None, impl, 3, threshold)
+    torch.library.opcheck(ops.logprobs_entropy_backward, args)
+    torch.library.opcheck(ops.logprobs_entropy_backward_, (logits.detach().clone(),)
+                          + args[1:])
 
     def loss(z, y, t, kept_ids, k):
         a_logp, a_entropy = hapo_ops.logprobs_and_entropy(z, y, temperature=t, impl=impl,
@@ -508,3 +518,81 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         hapo_ops.logprobs_and_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long),
                                       **kwargs)
+
+
+# --------------------------------------------------------------------------- precision edges
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logits_one_ulp_apart_stay_apart(impl, device, dtype):
+    """Every bit the dtype carries is searched: 16-bit logits one ulp apart (at several
+    magnitudes, positive and negative) are never merged by top-k or top-p."""
+    rows = []
+    for value in (1.0, 3.0, -2.0, 700.0, 0.01):
+        top = torch.tensor(value, dtype=dtype)
+        below = torch.nextafter(top, torch.tensor(float("-inf"), dtype=dtype))
+        far = torch.tensor([value - 40.0, value - 60.0]).to(dtype)
+        rows.append(torch.cat([torch.stack([below, top]), far]))
+    logits = torch.stack(rows).to(device)
+    labels = torch.ones(len(rows), dtype=torch.long, device=device)   # the max
+    for kwargs in (dict(top_k=1), dict(top_p=0.3), dict(top_k=2, top_p=0.3)):
+        logp, entropy = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl, **kwargs)
+        assert (logp == 0).all() and (entropy == 0).all(), (kwargs, logp, entropy)
+    logp = hapo_ops.token_logprobs(logits, torch.zeros_like(labels), impl=impl, top_k=2)
+    expected = torch.log_softmax(logits[:, :2].float(), -1)[:, 0]
+    torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_top_p_of_zero_mass_keeps_the_most_probable_token(impl, device):
+    """A top-p whose target mass is 0 (a p that rounds to 0 in float32, or a per-position 0
+    where values are not checked) still keeps the most probable tokens (ties included)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 1.0, 0.0, -2.0]], device=device)
+    labels = torch.tensor([1, 0], device=device)
+    for top_p in (1e-46, torch.tensor([1e-46, 1e-46], dtype=torch.float64, device=device)):
+        if isinstance(top_p, torch.Tensor) and device == "cpu":
+            continue  # checked on CPU: an entry ≤ 0 raises (below)
+        logp, entropy = hapo_ops.logprobs_and_entropy(logits, labels, impl=impl, top_p=top_p)
+        torch.testing.assert_close(logp, torch.tensor([-0.6931472, 0.0], device=device))
+        torch.testing.assert_close(entropy, torch.tensor([0.6931472, 0.0], device=device))
+    from hapo_ops.vocab.truncation import truncation_threshold
+    theta = truncation_threshold(logits, None, 1.0, None,
+                                 torch.zeros(2, device=device), impl, 4)
+    assert torch.equal(theta, torch.tensor([2.0, 3.0], device=device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="top_p"):
+            hapo_ops.logprobs_and_entropy(logits, labels, top_p=torch.zeros(2))
+
+
+def _tp_edge_worker(rank: int, world: int, impl: str):
+    group = dist.group.WORLD
+    out = {}
+    # An empty batch on every rank: empty results, empty gradients, for every subset.
+    labels = torch.zeros(0, dtype=torch.long)
+    for name, kwargs in (("plain", {}), ("kept", dict(kept_ids=torch.zeros(0, 2).long())),
+                         ("top_k_top_p", dict(top_k=2, top_p=0.8))):
+        shard = torch.randn(0, 4, requires_grad=True)
+        logp, entropy = hapo_ops.logprobs_and_entropy(shard, labels, impl=impl, tp_group=group,
+                                                      **kwargs)
+        (logp.sum() + entropy.sum()).backward()
+        out[name] = (logp.shape, entropy.shape, shard.grad.shape)
+    # A label no shard holds (id 8 ≥ V = 4·world) follows the labels rule with kept ids too:
+    # checked on CPU, on every rank (the check follows the all-reduce).
+    logits = torch.randn(2, 4)
+    kept = torch.tensor([[0, 5, -1], [1, 8, 2]])
+    try:
+        hapo_ops.token_logprobs(logits, torch.tensor([5, 8]), impl=impl, tp_group=group,
+                                kept_ids=kept)
+        out["raises"] = False
+    except ValueError as error:
+        out["raises"] = "no shard" in str(error)
+    return out
+
+
+@pytest.mark.parametrize("impl", TP_IMPLS)
+def test_vocab_parallel_empty_batch_and_label_rule(impl):
+    for res in run_ranks(_tp_edge_worker, 2, impl):
+        for name in ("plain", "kept", "top_k_top_p"):
+            assert res[name] == ((0,), (0,), (0, 4)), name
+        assert res["raises"]

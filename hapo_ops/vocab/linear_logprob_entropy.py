@@ -38,16 +38,16 @@ from __future__ import annotations
 
 import torch
 
-from hapo_ops._utils.validation import check_choice, check_tensor
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
-from hapo_ops.vocab.logprob_entropy import shard_vocab_start
+from hapo_ops._utils.validation import check_choice, check_same_device, check_tensor
 from hapo_ops.vocab.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, block_statistics,
-                                     combine_parts, combine_vocab_shards, finish, label_logits,
-                                     log_probabilities, mask_logprobs, parts_reducers,
-                                     shard_labels, softmax_gradient)
-from hapo_ops.vocab.token_inputs import (check_chunk, check_ignore_index, check_token_labels,
-                                   checks_values, flat_float32, inverse_temperature,
-                                   prepare_temperature, resolve_impl)
+                                           combine_parts, combine_vocab_shards, label_logits,
+                                           log_probabilities, parts_reducers, shard_labels,
+                                           softmax_gradient)
+from hapo_ops.vocab.token_inputs import (KERNEL_DTYPES, check_chunk, check_ignore_index,
+                                         check_token_labels, checks_values, flat_float32,
+                                         inverse_temperature, prepare_temperature,
+                                         resolve_impl, shard_vocab_start)
 
 # Torch path block sizes: a 1024 × 8192 fp32 block is 32 MiB (three temporaries: 96 MiB,
 # against 5 GiB of bf16 logits at 16k × 152k).
@@ -55,7 +55,6 @@ CHUNK_TOKENS = 1024
 CHUNK_VOCAB = 8192
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,8 +127,8 @@ def torch_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     grad_bias = torch.empty_like(bias) if want_bias else None
     bias_c = None if bias is None else bias.to(cdt)
     if grad_logp is not None and not sharded:
-        label_ok = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
-        grad_logp = torch.where(label_ok, grad_logp, 0.0)
+        _, has_label = shard_labels(labels, vocab, ignore_index)
+        grad_logp = torch.where(has_label, grad_logp, 0.0)
     for v0 in range(0, vocab, chunk_vocab):
         v1 = min(v0 + chunk_vocab, vocab)
         w = weight[v0:v1].to(cdt)
@@ -216,10 +215,11 @@ def _linear_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     stats = _row_statistics(hidden, weight, bias, labels, temperature, scalar_temperature,
                             impl, fp32_precision, chunk_tokens, chunk_vocab)
     inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(), hidden.device)
-    logp, entropy, state = finish(stats, inv_t.to(stats.rest.dtype))
-    in_range = (labels >= 0) & (labels < weight.shape[0])
-    logp, _ = mask_logprobs(logp, labels, in_range, ignore_index)
-    return logp.to(torch.float32), entropy.to(torch.float32), state
+    _, has_label = shard_labels(labels, weight.shape[0], ignore_index)
+    logp, entropy, state, _ = combine_vocab_shards(stats, labels, has_label,
+                                                   inv_t.to(stats.rest.dtype), ignore_index,
+                                                   None, check_found=False)
+    return logp, entropy, state
 
 
 @_linear_op.register_fake
@@ -343,12 +343,6 @@ class _VocabParallelLinear(torch.autograd.Function):
 # Public API
 # ---------------------------------------------------------------------------------------
 
-def _check_same_device(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
-    if value.device != hidden.device:
-        raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), "
-                         f"got {value.device}")
-
-
 def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                 labels: torch.Tensor, *, bias: torch.Tensor | None = None,
                                 temperature: float | torch.Tensor = 1.0,
@@ -362,7 +356,8 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     without materializing the N×V logits.
 
     Args:
-      hidden: (..., D) float16, bfloat16, float32 (or float64 on the torch path).
+      hidden: (..., D) float16, bfloat16, float32 (or float64, always on the torch path);
+        an empty batch (e.g. (0, D)) gives empty results and zero weight/bias gradients.
       weight: (V, D) LM head as ``nn.Linear`` stores it, same dtype as ``hidden``.
       labels: (...) = hidden.shape[:-1], integer ids; ``ignore_index`` positions give logp 0
         and no logp gradient (their entropy is still computed). Labels outside [0, V) (with
@@ -404,7 +399,7 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
       ...     -1, labels[:3, None])[:, 0], atol=1e-5)
       True
     """
-    hidden = check_tensor("hidden", hidden, floating=True)
+    hidden = check_tensor("hidden", hidden, floating=True, allow_empty=True)
     weight = check_tensor("weight", weight, floating=True)
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
@@ -417,13 +412,13 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), "
                         f"got {weight.dtype}")
-    _check_same_device("weight", weight, hidden)
+    check_same_device("weight", weight, "hidden", hidden)
     vocab = weight.shape[0]
     if bias is not None:
         bias = check_tensor("bias", bias, floating=True)
         if tuple(bias.shape) != (vocab,):
             raise ValueError(f"bias must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
-        _check_same_device("bias", bias, hidden)
+        check_same_device("bias", bias, "hidden", hidden)
     token_shape = hidden.shape[:-1]
     ignore_index = check_ignore_index(ignore_index)
     fp32_precision = check_choice("fp32_precision", fp32_precision, FP32_PRECISIONS)
@@ -440,7 +435,7 @@ def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                              source="hidden", check_values=check_values)
     impl = resolve_impl(impl, hidden)
     if impl == "triton":
-        if hidden.dtype not in TRITON_DTYPES:
+        if hidden.dtype not in KERNEL_DTYPES:
             raise TypeError(f"impl='triton' takes hidden of dtype float16, bfloat16 or float32, "
                             f"got {hidden.dtype}")
 

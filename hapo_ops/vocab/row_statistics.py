@@ -37,6 +37,7 @@ logits growing together); a row with no finite logit and no +inf has no distribu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Callable, NamedTuple
 
 import torch
@@ -74,6 +75,16 @@ class RowStatistics(NamedTuple):
 def saturate(logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits in the compute dtype, held in [NEG_LARGE, POS_LARGE]; NaN stays NaN."""
     return logits.to(dtype).clamp(NEG_LARGE, POS_LARGE)
+
+
+def mask_below(block: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Saturated fp32 logits of a row block (n, V) with the entries below the rows'
+    ``threshold`` (n,) (the tokens a truncation drops) at NEG_LARGE, i.e. probability 0;
+    ``threshold`` None masks nothing."""
+    z = saturate(block)
+    if threshold is not None:
+        z = z.masked_fill_(z < threshold[:, None], NEG_LARGE)
+    return z
 
 
 def block_statistics(z: torch.Tensor, inv_temperature: torch.Tensor
@@ -148,11 +159,14 @@ def mask_logprobs(logp: torch.Tensor, labels: torch.Tensor, label_found: torch.T
                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The label rule of every op: logp 0 where ``labels == ignore_index``, NaN where the label
     is not found in the vocabulary (``label_found`` False: outside [0, V), or held by no
-    shard). Returns (logp, rows whose logp has a gradient)."""
+    shard; see ``shard_labels``). Returns (logp, rows whose logp has a gradient: found, not
+    ignored, and of nonzero probability; a label outside a truncated distribution's kept
+    set, or at a -inf logit, has logp = -inf and no gradient)."""
     ignored = labels == ignore_index
+    has_gradient = label_found & ~ignored & (logp != float("-inf"))
     logp = torch.where(label_found, logp, float("nan"))
     logp = torch.where(ignored, 0.0, logp)
-    return logp, label_found & ~ignored
+    return logp, has_gradient
 
 
 def log_probabilities(z: torch.Tensor, state: torch.Tensor, inv_temperature: torch.Tensor
@@ -190,6 +204,47 @@ def softmax_gradient(log_p: torch.Tensor, entropy: torch.Tensor,
     return grad.mul_(inv_temperature[:, None].to(dtype))
 
 
+# ---------------------------------------------------------------------------------------
+# Row blocks of the torch paths
+# ---------------------------------------------------------------------------------------
+
+def row_blocks(logits: torch.Tensor, chunk_tokens: int, *alike: torch.Tensor
+               ) -> Iterator[tuple]:
+    """(first row, (n, V) rows of ``logits``, the same rows of each of ``alike``) blocks
+    covering the rows of ``logits`` (..., V) in order; ``alike`` tensors have its shape.
+
+    Where the leading dims flatten (in every tensor), each block is a view. Otherwise (a
+    slice such as ``logits[:, :-1]``, a transposed or permuted tensor) blocks are slabs of
+    whole indices of the first dim: the ``logits`` rows are read through a block-sized copy,
+    and the ``alike`` blocks stay views of shape (k, ..., V), so that an in-place backward
+    writes into the caller's buffer (``block.copy_(rows.view(block.shape))``).
+    """
+    vocab = logits.shape[-1]
+    tensors = (logits,) + alike
+    try:
+        flat = [t.view(-1, vocab) for t in tensors]
+    except RuntimeError:
+        yield from _slab_blocks(logits, chunk_tokens, alike)
+        return
+    for start in range(0, flat[0].shape[0], chunk_tokens):
+        yield (start, *(rows[start:start + chunk_tokens] for rows in flat))
+
+
+def _slab_blocks(logits: torch.Tensor, chunk_tokens: int, alike: tuple[torch.Tensor, ...]
+                 ) -> Iterator[tuple]:
+    vocab = logits.shape[-1]
+    per_index = logits[0].numel() // max(vocab, 1) if logits.shape[0] else 0
+    if per_index > chunk_tokens:  # one index of the first dim holds more than a block
+        for index in range(logits.shape[0]):
+            for start, *blocks in row_blocks(logits[index], chunk_tokens,
+                                             *(t[index] for t in alike)):
+                yield (index * per_index + start, *blocks)
+        return
+    step = max(1, chunk_tokens // max(per_index, 1))
+    for first in range(0, logits.shape[0], step):
+        last = min(first + step, logits.shape[0])
+        yield (first * per_index, logits[first:last].reshape(-1, vocab),
+               *(t[first:last] for t in alike))
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,11 +253,12 @@ def softmax_gradient(log_p: torch.Tensor, entropy: torch.Tensor,
 # ---------------------------------------------------------------------------------------
 
 def shard_labels(labels: torch.Tensor, vocab: int, ignore_index: int,
-                 vocab_start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shard-local labels, has_label) for global ``labels`` (N,) and a shard of ``vocab``
-    entries starting at ``vocab_start``: has_label marks the labels this shard holds (never
-    ignore_index); the local label is label - vocab_start there and -1 elsewhere (what the
-    sharded backwards expect)."""
+                 vocab_start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local labels, has_label) for global ``labels`` (N,) and a part of the vocabulary of
+    ``vocab`` entries starting at ``vocab_start`` (the whole vocabulary: 0): has_label marks
+    the labels this part holds (never ignore_index); the local label is label - vocab_start
+    there and -1 elsewhere (what the backwards expect). The one rule deciding where a label
+    is found: a label no part holds has no log-prob (NaN, ``mask_logprobs``)."""
     local = labels - vocab_start
     has_label = (labels != ignore_index) & (local >= 0) & (local < vocab)
     return torch.where(has_label, local, -1), has_label
@@ -213,7 +269,8 @@ def combine_vocab_shards(stats: RowStatistics, labels: torch.Tensor, has_label: 
                          check_found: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, H, state, logp_ok) of the whole vocabulary on every rank of ``group`` from this
-    shard's statistics: ``combine_parts`` over the ranks (one all-reduce MAX of N values, one
+    shard's statistics (``group`` None: the statistics are of the whole vocabulary, and the
+    combination is the identity, exactly): ``combine_parts`` over the ranks (one all-reduce MAX of N values, one
     all-reduce SUM of 5·N: 24 bytes per token in fp32, independent of V), ``finish`` and
     the label rule, a label held by no shard counting as out of range (NaN; with
     ``check_found`` a ValueError on every rank, since the check follows the all-reduce).
@@ -237,4 +294,5 @@ def parts_reducers() -> dict[str, Reduce]:
 
 __all__ = ["NEG_LARGE", "POS_LARGE", "RowStatistics", "block_statistics", "combine_parts",
            "combine_vocab_shards", "finish", "label_logits", "log_probabilities",
-           "mask_logprobs", "parts_reducers", "saturate", "shard_labels", "softmax_gradient"]
+           "mask_below", "mask_logprobs", "parts_reducers", "row_blocks", "saturate",
+           "shard_labels", "softmax_gradient"]

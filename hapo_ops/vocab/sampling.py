@@ -30,11 +30,12 @@ import torch
 
 from hapo_ops._utils.validation import check_float, check_tensor, check_variant
 from hapo_ops.entropy.signal import EntropyStats
-from hapo_ops.vocab.logprob_entropy import (default_chunk_tokens, token_entropy, token_logprobs,
-                                      truncation_threshold)
-from hapo_ops.vocab.row_statistics import saturate
 from hapo_ops.entropy.temperature import adaptive_temperature
-from hapo_ops.vocab.token_inputs import resolve_impl
+from hapo_ops.vocab.logprob_entropy import token_entropy, token_logprobs
+from hapo_ops.vocab.row_statistics import saturate
+from hapo_ops.vocab.subset_statistics import default_chunk_tokens
+from hapo_ops.vocab.token_inputs import check_logits, resolve_impl
+from hapo_ops.vocab.truncation import check_top_k, check_top_p, truncation_threshold
 
 SEED_LIMIT = 1 << 63
 
@@ -57,13 +58,6 @@ class SampleOutput(NamedTuple):
 # Argument checks
 # ---------------------------------------------------------------------------------------
 
-def _check_logits(logits: object) -> torch.Tensor:
-    logits = check_tensor("logits", logits, floating=True)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (B, V), got {tuple(logits.shape)}")
-    return logits
-
-
 def _check_stats(stats: object) -> EntropyStats | None:
     if stats is None:
         return None
@@ -84,27 +78,24 @@ def _check_seed(seed: object, generator: object) -> None:
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
-def _check_top_k(top_k: object) -> int | None:
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (None disables it), got {top_k}")
-    return top_k
-
-
-def _check_top_p(top_p: object) -> float | None:
-    if top_p is None:
-        return None
-    return check_float("top_p", top_p, min_value=0.0, min_inclusive=False, max_value=1.0)
+def _check_truncation(top_k: object, top_p: object, logits: torch.Tensor
+                      ) -> tuple[int | None, float | None]:
+    """``top_k`` / ``top_p`` as the logits op checks them (``hapo_ops.vocab.truncation``),
+    one value for every row."""
+    for name, value in (("top_k", top_k), ("top_p", top_p)):
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a Python number or None for the sampler (one "
+                            f"value for every row), got a tensor")
+    rows = logits.shape[:1]
+    return (check_top_k(top_k, rows, logits.device),
+            check_top_p(top_p, rows, logits.device, check_values=False))
 
 
 def _check_row_ids(row_ids: object, logits: torch.Tensor) -> torch.Tensor:
     n_rows = logits.shape[0]
     if row_ids is None:
         return torch.arange(n_rows, dtype=torch.int64, device=logits.device)
-    row_ids = check_tensor("row_ids", row_ids, integer=True)
+    row_ids = check_tensor("row_ids", row_ids, integer=True, allow_empty=True)
     if tuple(row_ids.shape) != (n_rows,):
         raise ValueError(f"row_ids must have shape ({n_rows},), got {tuple(row_ids.shape)}")
     if row_ids.device != logits.device:
@@ -293,7 +284,7 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
       or with a NaN logit gives token 0 and NaN temperature, logprob and entropy, on both
       paths. Entries at -inf are never drawn otherwise; +inf entries share all the mass.
     """
-    logits = _check_logits(logits)
+    logits = check_logits("logits", logits, dims=2)
     stats = _check_stats(stats)
     base_temperature = check_float("base_temperature", base_temperature, min_value=0.0,
                                    min_inclusive=False)
@@ -301,7 +292,7 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
                       max_inclusive=False)
     variant = check_variant(variant)
     _check_seed(seed, generator)
-    top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
+    top_k, top_p = _check_truncation(top_k, top_p, logits)
     row_ids = _check_row_ids(row_ids, logits)
     truncated = top_k is not None or top_p is not None
     if impl == "auto" and truncated:

@@ -1,5 +1,8 @@
 """Argument handling shared by the per-token ops over a vocabulary (logits op, fused linear
-head, sampler): implementation choice, labels, temperature.
+head, sampler): implementation choice, logits, labels, temperature, shard offsets.
+
+An empty batch (no rows: a data-parallel rank with nothing to do) is ordinary input: every
+op returns empty outputs and zero gradients. A vocabulary of size 0 is an error.
 
 Every check raises ``ValueError`` or ``TypeError`` naming the argument and what was
 expected. Value checks (labels in range, T > 0) read tensor values back to the host: they
@@ -13,9 +16,13 @@ import os
 
 import torch
 
+from hapo_ops._utils.collectives import ProcessGroup, exclusive_prefix_sum
 from hapo_ops._utils.validation import check_choice, check_float, check_tensor
 
 IMPLS = ("auto", "torch", "triton")
+# The dtypes every Triton kernel over a vocabulary takes; "auto" takes the torch path for
+# the others (float64 on CUDA, for example).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_available() -> bool:
@@ -23,13 +30,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def auto_impl(device_type: str, dtype: torch.dtype, has_triton: bool) -> str:
+    """What ``impl="auto"`` means for tensors of ``device_type`` and ``dtype``: the Triton
+    kernels on CUDA for the dtypes they take (``KERNEL_DTYPES``) when Triton is installed,
+    the torch path otherwise."""
+    if device_type == "cuda" and dtype in KERNEL_DTYPES and has_triton:
+        return "triton"
+    return "torch"
+
+
 def resolve_impl(impl: object, reference: torch.Tensor) -> str:
-    """"torch" or "triton" for ``impl`` ("auto": Triton for CUDA tensors when it is
-    installed). "triton" needs CUDA tensors, or ``TRITON_INTERPRET=1`` (set before Triton is
-    imported) to run in Triton's CPU interpreter."""
+    """"torch" or "triton" for ``impl`` ("auto": ``auto_impl`` of ``reference``). "triton"
+    needs CUDA tensors, or ``TRITON_INTERPRET=1`` (set before Triton is imported) to run in
+    Triton's CPU interpreter."""
     impl = check_choice("impl", impl, IMPLS)
     if impl == "auto":
-        return "triton" if reference.is_cuda and triton_available() else "torch"
+        return auto_impl(reference.device.type, reference.dtype, triton_available())
     if impl == "triton":
         if not triton_available():
             raise ValueError("impl='triton' needs Triton installed (pip install triton); "
@@ -47,6 +63,19 @@ def checks_values(reference: torch.Tensor, validate: bool) -> bool:
     return (validate or reference.device.type == "cpu") and not torch.compiler.is_compiling()
 
 
+def check_logits(name: str, logits: object, *, dims: int | None = None) -> torch.Tensor:
+    """A floating tensor (..., V) (exactly ``dims`` dims when given) with V ≥ 1; any number
+    of rows, including none."""
+    logits = check_tensor(name, logits, floating=True, allow_empty=True)
+    if logits.dim() < 1 or (dims is not None and logits.dim() != dims):
+        expected = "(..., V)" if dims is None else "(B, V)" if dims == 2 else f"{dims} dims"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a vocabulary (last dim) of size >= 1, "
+                         f"got shape {tuple(logits.shape)}")
+    return logits
+
+
 def check_ignore_index(ignore_index: object) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -55,8 +84,9 @@ def check_ignore_index(ignore_index: object) -> int:
 
 def check_token_labels(labels: object, token_shape: torch.Size, vocab: int, ignore_index: int,
                        device: torch.device, *, source: str, check_range: bool) -> torch.Tensor:
-    """Labels of shape ``source.shape[:-1]`` on ``device``, as a flat contiguous tensor; with
-    ``check_range`` (a host read), every label in [0, vocab) or equal to ignore_index."""
+    """Labels of shape ``source.shape[:-1]`` on ``device``, any integer dtype, as a flat
+    contiguous int64 tensor; with ``check_range`` (a host read), every label in [0, vocab)
+    or equal to ignore_index."""
     labels = check_tensor("labels", labels, integer=True, allow_empty=True)
     if labels.shape != token_shape:
         raise ValueError(f"labels must have shape {source}.shape[:-1] = {tuple(token_shape)}, "
@@ -64,6 +94,7 @@ def check_token_labels(labels: object, token_shape: torch.Size, vocab: int, igno
     if labels.device != device:
         raise ValueError(f"labels must be on the device of {source} ({device}), "
                          f"got {labels.device}")
+    labels = labels.to(torch.int64)
     if check_range:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
@@ -122,5 +153,28 @@ def check_chunk(name: str, value: object) -> int | None:
     return value
 
 
-__all__ = ["IMPLS", "check_chunk", "check_ignore_index", "check_token_labels", "checks_values",
-           "flat_float32", "inverse_temperature", "prepare_temperature", "resolve_impl", "triton_available"]
+def shard_vocab_start(vocab_start: object, shard_size: int, tp_group: ProcessGroup,
+                      device: torch.device) -> int | torch.Tensor:
+    """The global id of this shard's first entry: ``vocab_start`` checked (an int ≥ 0 or a
+    0-d integer tensor), or, when None, the sum of the lower ranks' shard sizes (one
+    all-gather of one int per rank, no host read)."""
+    if vocab_start is None:
+        return exclusive_prefix_sum(shard_size, tp_group, device)
+    if isinstance(vocab_start, torch.Tensor):
+        check_tensor("vocab_start", vocab_start, integer=True)
+        if vocab_start.numel() != 1:
+            raise ValueError(f"vocab_start must be an int or a 0-d tensor, got shape "
+                             f"{tuple(vocab_start.shape)}")
+        return vocab_start.reshape(()).to(device, torch.int64)
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+        raise TypeError(f"vocab_start must be an int or an integer tensor, "
+                        f"got {type(vocab_start).__name__}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    return vocab_start
+
+
+__all__ = ["IMPLS", "KERNEL_DTYPES", "auto_impl", "check_chunk", "check_ignore_index",
+           "check_logits", "check_token_labels", "checks_values", "flat_float32",
+           "inverse_temperature", "prepare_temperature", "resolve_impl", "shard_vocab_start",
+           "triton_available"]

@@ -41,9 +41,7 @@ own fp32 cumulative sums have the same ambiguity there).
 
 Examples:
   >>> z = torch.tensor([[2.0, 0.0, 0.0, -1.0]])
-  >>> sums = torch_candidate_sums(lambda: iter([(0, z)]), 1, torch.ones(1))
-  >>> thresholds(sums, z.amax(-1), 2, None, 1, z.dtype, TORCH_DIGIT_BITS, z.device,
-  ...            lambda x: x)  # top-2 keeps 2.0 and both tied 0.0
+  >>> truncation_threshold(z, None, 1.0, 2, None, "torch", 1)  # top-2 keeps 2.0, both 0.0
   tensor([0.])
 
 References:
@@ -54,14 +52,16 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_max, all_reduce_sum
 from hapo_ops._utils.validation import check_tensor
 from hapo_ops.vocab.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, Reduce,
-                                     block_statistics, log_probabilities, saturate,
-                                     softmax_gradient)
+                                           block_statistics, log_probabilities, row_blocks,
+                                           saturate, softmax_gradient)
+from hapo_ops.vocab.token_inputs import inverse_temperature
 
 TORCH_DIGIT_BITS = 8    # bits fixed per pass by the torch path (a 256-bin histogram)
 TRITON_DIGIT_BITS = 4   # bits fixed per pass by the Triton kernel (16 comparisons per entry)
@@ -72,8 +72,6 @@ _MAGNITUDE = 0x7FFFFFFF
 KEY_NEG_INF = 0x007FFFFF
 KEY_POS_INF = 0xFF800000
 
-RowBlocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
-
 
 # ---------------------------------------------------------------------------------------
 # Argument checks
@@ -81,8 +79,8 @@ RowBlocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
 
 def check_kept_ids(kept_ids: object, token_shape: torch.Size, vocab: int,
                    device: torch.device, *, check_range: bool) -> torch.Tensor:
-    """``kept_ids`` (..., K) integer on ``device``, leading dims the token shape, as (N, K)
-    int64; with ``check_range`` (a host read) every id < ``vocab``."""
+    """``kept_ids`` (..., K) of any integer dtype on ``device``, leading dims the token shape,
+    as (N, K) int64; with ``check_range`` (a host read) every id < ``vocab``."""
     kept_ids = check_tensor("kept_ids", kept_ids, integer=True, allow_empty=True)
     if kept_ids.dim() != len(token_shape) + 1 or kept_ids.shape[:-1] != token_shape:
         raise ValueError(f"kept_ids must have shape (*logits.shape[:-1], K) = "
@@ -90,13 +88,14 @@ def check_kept_ids(kept_ids: object, token_shape: torch.Size, vocab: int,
     if kept_ids.device != device:
         raise ValueError(f"kept_ids must be on the device of logits ({device}), "
                          f"got {kept_ids.device}")
+    kept_ids = kept_ids.to(torch.int64)
     if check_range and kept_ids.numel() and bool((kept_ids >= vocab).any()):
         raise ValueError(f"kept_ids must be token ids in [0, {vocab}) or negative padding; "
                          f"found {int((kept_ids >= vocab).sum())} ≥ {vocab}")
     n_rows = kept_ids.numel() // kept_ids.shape[-1] if kept_ids.shape[-1] else token_shape.numel()
     if kept_ids.shape[-1] == 0:  # no kept id anywhere: one padding column, every set empty
         return torch.full((n_rows, 1), -1, dtype=torch.int64, device=device)
-    return kept_ids.reshape(n_rows, kept_ids.shape[-1]).to(torch.int64)
+    return kept_ids.reshape(n_rows, kept_ids.shape[-1])
 
 
 def _per_token(name: str, value: torch.Tensor, token_shape: torch.Size,
@@ -251,16 +250,17 @@ def thresholds(sums: CandidateSums, row_max: torch.Tensor, top_k: int | torch.Te
     return torch.minimum(theta, row_max)
 
 
-def torch_candidate_sums(blocks: RowBlocks, n_rows: int, inv_temperature: torch.Tensor
-                         ) -> CandidateSums:
-    """``CandidateSums`` of the torch path: per row block, one histogram of the next D key
-    bits over the entries inside the current bucket (bins 0…2^D-1), above it (bin 2^D) and
-    below it (bin 2^D + 1), with W_d = above + Σ_{d' ≥ d} bin_d'."""
+def torch_candidate_sums(logits: torch.Tensor, chunk_tokens: int, n_rows: int,
+                         inv_temperature: torch.Tensor) -> CandidateSums:
+    """``CandidateSums`` of the torch path over ``logits`` (..., V) in blocks of
+    ``chunk_tokens`` rows: per block, one histogram of the next D key bits over the entries
+    inside the current bucket (bins 0…2^D-1), above it (bin 2^D) and below it (bin 2^D + 1),
+    with W_d = above + Σ_{d' ≥ d} bin_d'."""
 
     def sums(prefix, shift, digit_bits, lower, row_max):
         radix = 1 << digit_bits
-        out = None
-        for start, block in blocks():
+        out = torch.zeros((n_rows, radix), dtype=torch.float32, device=logits.device)
+        for start, block in row_blocks(logits, chunk_tokens):
             rows = slice(start, start + block.shape[0])
             z = saturate(block)
             top = order_keys(z).bitwise_right_shift_(shift)
@@ -275,8 +275,6 @@ def torch_candidate_sums(blocks: RowBlocks, n_rows: int, inv_temperature: torch.
                 weights = weights.masked_fill_(z < lower[rows, None], 0.0)
             histogram = torch.zeros((block.shape[0], radix + 2), dtype=torch.float32,
                                     device=z.device).scatter_add_(-1, index, weights)
-            if out is None:
-                out = torch.empty((n_rows, radix), dtype=torch.float32, device=z.device)
             at_or_above = histogram[:, :radix].flip(-1).cumsum(-1).flip(-1)
             out[rows] = at_or_above + histogram[:, radix:radix + 1]
         return out
@@ -290,25 +288,97 @@ def saturated_row_max(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().amax(-1).reshape(-1).to(torch.float32).clamp(NEG_LARGE, POS_LARGE)
 
 
+def truncation_threshold(logits: torch.Tensor, temperature: torch.Tensor | None,
+                         scalar_temperature: float, top_k: int | torch.Tensor | None,
+                         top_p: float | torch.Tensor | None, impl: str, chunk_tokens: int,
+                         group: ProcessGroup | None = None) -> torch.Tensor:
+    """θ (N,) float32 of ``thresholds`` for ``logits`` (..., V) at T (``temperature`` (N,)
+    float32, or None and ``scalar_temperature``), with checked ``top_k``/``top_p``: the torch
+    path's 256-bin histograms in blocks of rows, or the Triton kernel's 16-way passes. Under
+    ``group`` the logits are one vocabulary shard: the row max and every pass's sums are
+    all-reduced. Without a group it runs inside the ``hapo_ops::truncation_threshold``
+    custom op, so that ``torch.compile`` traces through it."""
+    if group is None:
+        return _truncation_threshold_op(
+            logits.detach(), temperature, scalar_temperature,
+            top_k if isinstance(top_k, torch.Tensor) else None,
+            top_k if isinstance(top_k, int) else 0,
+            top_p if isinstance(top_p, torch.Tensor) else None,
+            top_p if isinstance(top_p, float) else 1.0, impl, chunk_tokens)
+    return _search_threshold(logits, temperature, scalar_temperature, top_k, top_p, impl,
+                             chunk_tokens, group)
+
+
+def _search_threshold(logits, temperature, scalar_temperature, top_k, top_p, impl,
+                      chunk_tokens, group) -> torch.Tensor:
+    logits = logits.detach()
+    vocab = logits.shape[-1]
+    n_rows = logits.numel() // max(vocab, 1)
+    row_max = all_reduce_max(saturated_row_max(logits), group)
+    if impl == "triton":
+        from hapo_ops.kernels.truncation import candidate_sums
+
+        def sums(prefix, shift, digit_bits, lower, rmax):
+            candidates = key_logits(candidate_keys(prefix, shift, digit_bits))
+            return candidate_sums(logits, candidates, lower, rmax, temperature,
+                                  scalar_temperature)
+        digit_bits = TRITON_DIGIT_BITS
+    else:
+        inv_t = inverse_temperature(temperature, scalar_temperature, n_rows, logits.device)
+        # The histogram pass holds a few int64 temporaries per logit: smaller blocks.
+        sums = torch_candidate_sums(logits, max(1, chunk_tokens // 8), n_rows, inv_t)
+        digit_bits = TORCH_DIGIT_BITS
+    return thresholds(sums, row_max, top_k, top_p, n_rows, logits.dtype, digit_bits,
+                      logits.device, lambda x: all_reduce_sum(x, group))
+
+
+@torch.library.custom_op("hapo_ops::truncation_threshold", mutates_args=())
+def _truncation_threshold_op(logits: torch.Tensor, temperature: torch.Tensor | None,
+                             scalar_temperature: float, top_k: torch.Tensor | None,
+                             scalar_top_k: int, top_p: torch.Tensor | None,
+                             scalar_top_p: float, impl: str, chunk_tokens: int
+                             ) -> torch.Tensor:
+    """θ (N,) of ``truncation_threshold``; ``scalar_top_k`` 0 and ``scalar_top_p`` 1 stand
+    for None when the tensors are None."""
+    k = top_k if top_k is not None else (scalar_top_k or None)
+    p = top_p if top_p is not None else (scalar_top_p if scalar_top_p < 1.0 else None)
+    return _search_threshold(logits, temperature, scalar_temperature, k, p, impl,
+                             chunk_tokens, None)
+
+
+@_truncation_threshold_op.register_fake
+def _(logits, temperature, scalar_temperature, top_k, scalar_top_k, top_p, scalar_top_p, impl,
+      chunk_tokens):
+    n_rows = logits.numel() // max(logits.shape[-1], 1)
+    return logits.new_empty((n_rows,), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------
 # Kept sets: O(N·K) gather, statistics and gradient
 # ---------------------------------------------------------------------------------------
 
-def kept_entries(kept_ids: torch.Tensor, vocab: int, vocab_start: int | torch.Tensor = 0
+def shard_kept_ids(kept_ids: torch.Tensor, vocab: int, vocab_start: int | torch.Tensor = 0
+                   ) -> torch.Tensor:
+    """Global kept ids (N, K) in the coordinates of the part of the vocabulary of ``vocab``
+    entries starting at ``vocab_start`` (the whole vocabulary: 0): id - vocab_start for the
+    ids this part holds, -1 (padding) for every other id (padding, another part's, ≥ V)."""
+    local = kept_ids - vocab_start
+    return torch.where((kept_ids >= 0) & (local >= 0) & (local < vocab), local, -1)
+
+
+def kept_entries(kept_ids: torch.Tensor, vocab: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, index, use), each (N, K): the kept ids sorted per row; where each lies in this
-    part of the vocabulary [vocab_start, vocab_start + vocab); and which entries count:
-    ids in this part, each distinct id once (its first occurrence). Negative ids are
-    padding. Entries that do not count take the index of the row's last counted entry (0
-    if none): every index is in range, and a scatter of identical values there
-    (``scatter_kept``) is deterministic."""
+    """(ids, index, use), each (N, K), for local kept ids (``shard_kept_ids``): the ids
+    sorted per row; the column each reads; and which entries count: each distinct id in
+    [0, vocab) once (its first occurrence). Negative ids are padding. Entries that do not
+    count take the index of the row's last counted entry (0 if none): every index is in
+    range, and a scatter of identical values there (``scatter_kept``) is deterministic."""
     ids = kept_ids.sort(-1).values
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    local = ids - vocab_start
-    use = first & (ids >= 0) & (local >= 0) & (local < vocab)
+    use = first & (ids >= 0) & (ids < vocab)
     alias = last_counted(use)
-    index = torch.where(use, local, local.gather(-1, alias).masked_fill_(~use.any(-1, True), 0))
+    index = torch.where(use, ids, ids.gather(-1, alias).masked_fill_(~use.any(-1, True), 0))
     return ids, index, use
 
 
@@ -383,6 +453,8 @@ def scatter_kept(grad: torch.Tensor, index: torch.Tensor, use: torch.Tensor,
 
 __all__ = ["KEY_NEG_INF", "KEY_POS_INF", "TORCH_DIGIT_BITS", "TRITON_DIGIT_BITS",
            "candidate_keys", "check_kept_ids", "check_top_k", "check_top_p", "descend",
-           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits", "label_position", "last_counted",
-           "order_keys", "saturated_row_max", "scatter_kept", "significant_bits", "thresholds",
-           "torch_candidate_sums", "truncates"]
+           "gather_kept", "kept_entries", "kept_gradient", "kept_row_statistics", "key_logits",
+           "label_position", "last_counted",
+           "order_keys", "saturated_row_max", "scatter_kept", "shard_kept_ids",
+           "significant_bits", "thresholds", "torch_candidate_sums", "truncates",
+           "truncation_threshold"]
