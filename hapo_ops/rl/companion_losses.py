@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from hapo_ops._utils.segments import ACCUMULATE_DTYPE
 from hapo_ops._utils.selection import kth_smallest
 from hapo_ops._utils.validation import ScalarOrTensor, check_choice, check_float
 from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
@@ -38,7 +39,6 @@ from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_l
                                 clamped_log_ratio, clipped_surrogate, masked_advantages,
                                 loss_dtype, masked_mean, ratio_and_advantages)
 
-_ACCUMULATE = torch.float64
 _M32 = 0xFFFFFFFF
 _KEY_BITS = 24          # random keys are integers below 2^24: exact in float32
 
@@ -76,10 +76,10 @@ def _centred_covariance(advantages: torch.Tensor, logprobs: torch.Tensor, valid:
 
     Means over the valid tokens of every rank (one all-reduce of [ΣA, Σlog π, n]).
     """
-    zero = torch.zeros((), dtype=_ACCUMULATE, device=logprobs.device)
-    adv = torch.where(valid, advantages.detach().to(_ACCUMULATE), zero)
-    logp = torch.where(valid, logprobs.detach().to(_ACCUMULATE), zero)
-    totals = all_reduce_sum(torch.stack([adv.sum(), logp.sum(), valid.sum().to(_ACCUMULATE)]),
+    zero = torch.zeros((), dtype=ACCUMULATE_DTYPE, device=logprobs.device)
+    adv = torch.where(valid, advantages.detach().to(ACCUMULATE_DTYPE), zero)
+    logp = torch.where(valid, logprobs.detach().to(ACCUMULATE_DTYPE), zero)
+    totals = all_reduce_sum(torch.stack([adv.sum(), logp.sum(), valid.sum().to(ACCUMULATE_DTYPE)]),
                             group)
     count = totals[2].clamp_min(1.0)
     return (adv - totals[0] / count) * (logp - totals[1] / count), totals[2]
@@ -235,7 +235,11 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       cov_bounds: (c_lb, c_ub), c_lb < c_ub.
       eps_low, eps_high: ratio clip ε (≥ 0; ε_low ≤ 1, the default 1 being no lower
         clip), floats or per-token tensors.
-      seed / generator: randomness of the choice (exactly one).
+      seed / generator: randomness of the choice (exactly one). With ``seed`` the key of
+        the token at (global row, column) is
+        ``h(h(h(seed ^ 0x9E3779B9) ^ row) ^ column) >> 8``, h the 32-bit "lowbias32" mixer,
+        so the choice does not depend on how the batch is split; with ``generator``, keys
+        are drawn from it.
       weights: optional weights on ℓ, per token or per response (detached).
       log_ratio_clamp: bound on |log r| before exp.
       agg, num_tokens, num_sequences, normalizer: see ``aggregate_loss``.
