@@ -718,3 +718,58 @@ def test_neutral_zone_edges_are_outside_and_zero_h_hat_changes_nothing():
     assert below.tolist() == [2.0, 2.0, 1.0, 1.0, 2.0, 2.0]
     low, high = adaptive_clip_bounds(torch.zeros(3), eps_low=0.2, eps_high=0.3, alpha=1.0)
     assert (low == 0.2).all() and (high == 0.3).all()
+
+
+def _logprobs_with_exact_ratio(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 log-probs ``lp`` (old log-probs 0) with exp(lp) == target exactly where some
+    lp within 16 ulps of log(target) has it, and the mask of those positions."""
+    lp = torch.log(target)
+    best, hit = lp.clone(), torch.zeros_like(target, dtype=torch.bool)
+    for direction in (torch.full_like(lp, math.inf), torch.full_like(lp, -math.inf)):
+        cand = lp.clone()
+        for _ in range(16):
+            ok = ~hit & (torch.exp(cand) == target)
+            best, hit = torch.where(ok, cand, best), hit | ok
+            cand = torch.nextafter(cand, direction)
+    return best, hit
+
+
+@pytest.mark.parametrize("eps_kind", ["float", "tensor"])
+def test_hapo_loss_redistributes_exactly_as_redistribute_advantages_on_neutral_edges(eps_kind):
+    """Ratios exactly on the float32 edges 1 - ε_low'/2 and 1 + ε_high'/2 of the widened
+    bounds are outside the open neutral zone in the loss as in ``redistribute_advantages``:
+    the per-token loss equals, bit for bit, ``clipped_policy_loss`` with the redistributed
+    advantages and the widened bounds."""
+    from hapo_ops import normalized_entropy, redistribute_advantages
+    g = torch.Generator().manual_seed(7)
+    B, L = 4, 64
+    entropy = torch.rand(B, L, generator=g) * 3.0
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if eps_kind == "float":
+        eps_low, eps_high = 0.2, 0.28
+    else:
+        eps_low = 0.1 + 0.3 * torch.rand(B, L, generator=g)
+        eps_high = 0.1 + 0.3 * torch.rand(B, L, generator=g)
+    stats = entropy_stats(entropy, mask, quantile=0.5)
+    h_hat = normalized_entropy(entropy, stats).float()
+    low, high = adaptive_clip_bounds(h_hat, eps_low=eps_low, eps_high=eps_high, alpha=1.0)
+    on_low = torch.arange(L).remainder(2).eq(0).expand(B, L)
+    target = torch.where(on_low, 1.0 - low / 2, 1.0 + high / 2)
+    lp, exact = _logprobs_with_exact_ratio(target)
+    old = torch.zeros(B, L)
+    ratio = torch.exp(lp - old)
+    assert exact.sum() >= B * L // 2 and (ratio[exact] == target[exact]).all()
+    adv = torch.randn(B, generator=g)
+    kw = dict(dual_clip=10.0, log_ratio_clamp=20.0)
+    got = hapo_policy_loss(lp.clone().requires_grad_(True), old, adv, entropy, mask,
+                           stats=stats, eps_low=eps_low, eps_high=eps_high, alpha=1.0,
+                           beta=1.0, **kw)
+    redistributed = redistribute_advantages(adv[:, None].expand(B, L), h_hat, ratio,
+                                            eps_low=low, eps_high=high, beta=1.0)
+    # the edges are outside N: scaled where ĥ > 0, kept where ĥ ≤ 0
+    edge = exact
+    want_edge = torch.where(h_hat > 0, adv[:, None] * (1.0 + h_hat), adv[:, None].expand(B, L))
+    assert torch.equal(redistributed[edge], want_edge[edge])
+    want = clipped_policy_loss(lp.clone().requires_grad_(True), old, redistributed, mask,
+                               eps_low=low, eps_high=high, **kw)
+    assert torch.equal(got.per_token, want.per_token)

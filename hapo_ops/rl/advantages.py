@@ -230,7 +230,54 @@ def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio
             raise ValueError(f"h_hat must lie in [-1, 1] (the range of normalized_entropy); "
                              f"{outside.numel()} value(s) outside, e.g. {float(outside[0])}")
     with torch.no_grad():
-        advantages, h_hat, ratio = advantages.detach(), h_hat.detach(), ratio.detach()
-        in_neutral = (ratio > 1.0 - eps_low / 2) & (ratio < 1.0 + eps_high / 2)
-        scaled = (h_hat > 0) & ~in_neutral | (h_hat <= 0) & in_neutral
-        return torch.where(scaled, advantages * (1.0 + beta * h_hat), advantages)
+        scale = redistribution_scale(h_hat.detach(), ratio.detach(), eps_low=eps_low,
+                                     eps_high=eps_high, beta=beta)
+        return advantages.detach() * scale
+
+
+def redistribution_scale(h_hat: torch.Tensor, ratio: torch.Tensor, *,
+                         eps_low: ScalarOrTensor, eps_high: ScalarOrTensor, beta: float,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The factor s of HAPO's advantage redistribution (§3.3), A' = A·s, per token:
+
+      N = (1 - ε_low/2, 1 + ε_high/2)   (open: a ratio on an edge is outside N),
+      s = 1 + β·ĥ  where (ĥ > 0 and r ∉ N) or (ĥ ≤ 0 and r ∈ N),   s = 1 elsewhere.
+
+    The one home of this formula: ``redistribute_advantages`` multiplies by it, and
+    ``hapo_policy_loss`` multiplies its loss coefficient by it in place. A' = A·s is exactly
+    ``where(scaled, A·(1 + β·ĥ), A)``, since A·1 = A.
+
+    No argument checking and no gradient (call under ``torch.no_grad``); validated inputs
+    are the caller's job (``redistribute_advantages`` checks them).
+
+    Args:
+      h_hat: (...) float normalized entropy ĥ in [-1, 1].
+      ratio: (...) float importance ratio r, same shape as ``h_hat``.
+      eps_low, eps_high: ε_low, ε_high ≥ 0, floats or tensors broadcastable to ``ratio``
+        (e.g. the per-token adaptive bounds of ``adaptive_clip_bounds``).
+      beta: β, the redistribution strength.
+      out: optional tensor the result is written into (may be ``h_hat`` itself, which then
+        is overwritten); default a new tensor.
+
+    Returns:
+      s, shape and dtype of ``h_hat`` (``out`` when given).
+
+    Example:
+      >>> import torch
+      >>> redistribution_scale(torch.tensor([0.5, 0.5, -0.5]), torch.tensor([1.0, 1.2, 1.0]),
+      ...                      eps_low=0.2, eps_high=0.2, beta=1.0)
+      tensor([1.0000, 1.5000, 0.5000])
+
+    References:
+      HAPO, arXiv 2509.16591, §3.3.
+    """
+    # ε/2 is exact, so each edge is 1 ∓ ε/2 rounded once, tensor ε or float
+    neutral_low = (eps_low.mul(-0.5).add_(1.0) if isinstance(eps_low, torch.Tensor)
+                   else 1.0 - eps_low / 2)
+    neutral_high = (eps_high.mul(0.5).add_(1.0) if isinstance(eps_high, torch.Tensor)
+                    else 1.0 + eps_high / 2)
+    kept = (ratio > neutral_low) & (ratio < neutral_high)
+    kept = kept == (h_hat > 0)                 # s = 1 where (ĥ > 0) == (r ∈ N)
+    if out is None:
+        out = torch.empty_like(h_hat)
+    return torch.mul(h_hat, beta, out=out).add_(1.0).masked_fill_(kept, 1.0)

@@ -16,6 +16,7 @@ from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_floa
                                   check_same_shape, check_tensor, check_variant)
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
+from hapo_ops.rl.advantages import redistribution_scale
 
 AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                      "seq-mean-token-sum-norm")
@@ -519,20 +520,6 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          1.0 + eps_high, dual_clip, log_ratio_clamp, scale)
 
 
-def _redistribute_in_place(coef: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,
-                           lower: torch.Tensor, upper: torch.Tensor, beta: float
-                           ) -> torch.Tensor:
-    """``redistribute_advantages`` (HAPO §3.3) applied in place to the loss coefficient A·w,
-    from the ratio bounds lower = 1 - ε_low', upper = 1 + ε_high' the loss already holds:
-    r ∈ N = (1 - ε_low'/2, 1 + ε_high'/2) ⇔ lower < 2r - 1 < upper, and
-    A' = A·(1 + β·ĥ) unless (ĥ > 0) == (r ∈ N). Two passes' worth of new tensors instead of
-    seven; ``h_hat`` is overwritten. Equal to ``redistribute_advantages`` (tested)."""
-    doubled = ratio.mul(2.0).sub_(1.0)
-    inside = (doubled > lower) & (doubled < upper)
-    kept = (h_hat > 0) == inside
-    return coef.mul_(h_hat.mul_(beta).add_(1.0).masked_fill_(kept, 1.0))
-
-
 def _check_dual_clip(dual_clip: object) -> float | None:
     if dual_clip is None:
         return None
@@ -556,7 +543,8 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       1. ĥ = normalized_entropy(entropy, stats)   (stats from this call's entropy and mask
          unless given, with ``quantile``);
       2. (ε_low', ε_high') = adaptive_clip_bounds(ĥ, eps_low, eps_high, alpha);
-      3. A' = redistribute_advantages(A, ĥ, r, eps_low=ε_low', eps_high=ε_high', beta);
+      3. A' = redistribute_advantages(A, ĥ, r, eps_low=ε_low', eps_high=ε_high', beta)
+         (bit for bit: both multiply by ``redistribution_scale``);
       4. ℓ = the clipped loss of ``clipped_policy_loss`` with A', ε_low', ε_high' and the
          dual clip, times ``weights``.
     With α = β = 0 this is ``clipped_policy_loss`` with the base ε. ``variant="released"``
@@ -627,13 +615,18 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         # ĥ is float32 (see log_entropy); 0 off the mask, whatever the entropy holds there
         h_hat = normalized_entropy(entropy, stats, variant=variant, eps=entropy_eps)
         h_hat = h_hat.to(dtype).masked_fill_(invalid, 0.0)
-        lower, upper = _widened_eps(h_hat, eps_low, eps_high, alpha, as_ratio_bounds=True)
+        # ε' themselves (not the ratio bounds 1 ∓ ε'), so that the neutral zone's edges
+        # 1 ∓ ε'/2 are those of redistribute_advantages with adaptive_clip_bounds' ε'
+        widened_low, widened_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
         log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
                                                 log_ratio_clamp)
+        coef = _loss_coefficient(advantages, weights, valid, dtype)
+        coef.mul_(redistribution_scale(h_hat, ratio, eps_low=widened_low,
+                                       eps_high=widened_high, beta=beta, out=h_hat))
+        lower = widened_low.neg_().add_(1.0)     # in place: ε' are not needed again
+        upper = widened_high.add_(1.0)
         if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
             lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
             upper.masked_fill_(invalid, 1.0)
-        coef = _redistribute_in_place(_loss_coefficient(advantages, weights, valid, dtype),
-                                      h_hat, ratio, lower, upper, beta)
     return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, lower, upper,
                          dual_clip, log_ratio_clamp, scale, own_bounds=True)

@@ -53,14 +53,13 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
     one valid token makes the whole response's ratio NaN). An empty batch or a response
     with no valid token gives weight 0 and an all-False mask there.
 
-    Composition with the losses (w ≥ 0): every loss here is positively homogeneous in the
-    advantage per token, ℓ(w·A) = w·ℓ(A), so for ``clipped_policy_loss`` and
-    ``hapo_policy_loss`` (the dual clip included) pass ``advantages * w`` and the returned
-    mask. The companion losses take ``weights=w`` instead, which multiplies the per-token
-    loss after their selection (Clip-Cov and KL-Cov select tokens by the covariance of A,
-    which a scaled A would change). Dropped tokens leave the token-mean denominator too;
-    to keep it over every generated token pass ``num_tokens=mask.sum()`` of the original
-    mask (or ``global_token_count``).
+    Composition with the losses (w ≥ 0): pass ``weights=w`` and the returned mask to any
+    policy loss (``clipped_policy_loss``, ``hapo_policy_loss`` and the companion losses);
+    w may be per token (..., L) or per response (...,). It multiplies the per-token loss
+    after everything that reads the advantages (the clips, HAPO's redistribution, Clip-Cov's
+    and KL-Cov's covariance selection), so pass the advantages unscaled. Dropped tokens
+    leave the token-mean denominator too; to keep it over every generated token pass
+    ``num_tokens=mask.sum()`` of the original mask (or ``global_token_count``).
 
     Args:
       old_logprobs: (..., L) float trainer log-probs of the sampled tokens (the behaviour
