@@ -13,19 +13,9 @@
 # trainer's imports that verl does not declare; the "verl" extra lists those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. .ci/common.sh
 
-venv=.venv-verl
-python3 -m venv "$venv"
-. "$venv/bin/activate"
-python -m pip install -q --upgrade pip >/dev/null
-
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-cpu_torch=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
-if [ -n "$cpu_torch" ]; then
-  python -m pip install -q "$cpu_torch"
-  echo "torch==2.13.0" > "$constraints"
-fi
+fresh_venv .venv-verl
 
 python -m pip install -q -c "$constraints" \
   "transformers>=5.5.3,<5.11,!=5.6.0" "pytest>=7" "hypothesis>=6"

