@@ -25,7 +25,7 @@ Selection rules (both exact in count):
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -63,6 +63,37 @@ def _check_common(log_ratio_clamp: float, agg: str, group: object) -> tuple[floa
                                   min_inclusive=False)
     check_choice("agg", agg, AGGREGATION_MODES)
     return log_ratio_clamp, check_process_group("group", group)
+
+
+class _CovarianceInputs(NamedTuple):
+    logprobs: torch.Tensor
+    valid: torch.Tensor
+    weights: torch.Tensor | None
+    group: ProcessGroup | None
+    cov_fraction: float
+    log_ratio: torch.Tensor
+    ratio: torch.Tensor
+    advantages: torch.Tensor
+    cov: torch.Tensor
+    count: torch.Tensor
+
+
+def _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction, log_ratio_clamp,
+                       agg, group, weights) -> _CovarianceInputs:
+    """What Clip-Cov and KL-Cov share: checked inputs, the ratio and masked advantages
+    (float32 math for 16-bit inputs), and each token's centred covariance with its count."""
+    logprobs, old_logprobs, advantages, valid = check_policy_inputs(
+        logprobs, old_logprobs, advantages, mask)
+    cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
+                               min_inclusive=False, max_value=1.0)
+    log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
+    weights = check_loss_weights(weights, logprobs)
+    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
+                                                 log_ratio_clamp)
+    with torch.no_grad():
+        cov, count = _centred_covariance(adv, logprobs, valid, group)
+    return _CovarianceInputs(logprobs, valid, weights, group, cov_fraction, log_ratio, ratio,
+                             adv, cov, count)
 
 
 def _k3(ratio: torch.Tensor, log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -259,29 +290,25 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       Cui et al., 2025, *The Entropy Mechanism of Reinforcement Learning for Reasoning
       Language Models*, arXiv 2505.22617.
     """
-    logprobs, old_logprobs, advantages, valid = check_policy_inputs(
-        logprobs, old_logprobs, advantages, mask)
+    inputs = _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
+                                log_ratio_clamp, agg, group, weights)
+    logprobs, valid, weights, group = inputs.logprobs, inputs.valid, inputs.weights, inputs.group
+    log_ratio, ratio, adv, cov, count = (inputs.log_ratio, inputs.ratio, inputs.advantages,
+                                         inputs.cov, inputs.count)
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True, allow_one=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
-    cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
-                               min_inclusive=False, max_value=1.0)
     cov_lower, cov_upper = _check_bounds(cov_bounds)
     _check_randomness(seed, generator)
-    log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = check_loss_weights(weights, logprobs)
 
-    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
-                                                 log_ratio_clamp)
+    zero = torch.zeros((), dtype=ratio.dtype, device=logprobs.device)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     per_token, unclipped, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
     with torch.no_grad():
         held_by_clip = clipped.detach() > unclipped.detach()
-        cov, count = _centred_covariance(adv, logprobs, valid, group)
         candidates = valid & ~held_by_clip & (cov > cov_lower) & (cov < cov_upper)
         keys = _random_keys(logprobs.shape, logprobs.device, seed, generator, group)
-        cut = _select_smallest(keys, candidates, _selection_size(count, cov_fraction), group)
+        cut = _select_smallest(keys, candidates, _selection_size(count, inputs.cov_fraction),
+                              group)
     per_token = torch.where(cut, zero, per_token)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)
@@ -351,25 +378,20 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       Cui et al., 2025, *The Entropy Mechanism of Reinforcement Learning for Reasoning
       Language Models*, arXiv 2505.22617.
     """
-    logprobs, old_logprobs, advantages, valid = check_policy_inputs(
-        logprobs, old_logprobs, advantages, mask)
-    cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
-                               min_inclusive=False, max_value=1.0)
+    inputs = _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
+                                log_ratio_clamp, agg, group, weights)
+    valid, weights, group = inputs.valid, inputs.weights, inputs.group
+    log_ratio, ratio, adv, cov, count = (inputs.log_ratio, inputs.ratio, inputs.advantages,
+                                         inputs.cov, inputs.count)
     kl_coef = check_float("kl_coef", kl_coef, min_value=0.0)
-    log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
-    weights = check_loss_weights(weights, logprobs)
 
-    dtype = loss_dtype(logprobs.dtype)      # float32 math for 16-bit inputs
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
-                                                 log_ratio_clamp)
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     with torch.no_grad():
-        cov, count = _centred_covariance(adv, logprobs, valid, group)
         # Largest covariance first: the smallest of -Cov (+ 0.0 turns -0.0 into +0.0).
         order = -cov.to(torch.float32) + 0.0
         candidates = valid & ~torch.isnan(order)
-        penalised = _select_smallest(order, candidates, _selection_size(count, cov_fraction),
-                                     group)
+        penalised = _select_smallest(order, candidates,
+                                     _selection_size(count, inputs.cov_fraction), group)
     per_token = -adv * ratio + torch.where(penalised, kl_coef * log_ratio.abs(), zero)
     loss, per_token = _finish(per_token, valid, weights, agg, num_tokens, num_sequences,
                               normalizer)
