@@ -13,25 +13,14 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import hapo_ops  # noqa: E402
 from hapo_ops.integrations.trl import (HAPOGRPOConfig, HAPOGRPOTrainer,  # noqa: E402
                                        SUPPORTED_LOSS_TYPES)
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-CHARS = "abcdefgh "
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   padding_side="left")
+from char_tokenizer import char_tokenizer  # noqa: E402
 
 
 def _model(tokenizer) -> Qwen2ForCausalLM:
@@ -76,7 +65,7 @@ class RecordingTrainer(HAPOGRPOTrainer):
 
 
 def _run(tmp_path, seed=0, **overrides):
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     model = _model(tokenizer)
     dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c", "hh", "cafe"] * 4})
     kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
@@ -175,7 +164,7 @@ def test_same_seed_same_run(runs):
 
 
 def test_unsupported_options_raise(tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     dataset = datasets.Dataset.from_dict({"prompt": ["ab"] * 4})
     args = HAPOGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
                           num_generations=4, max_completion_length=4, report_to="none",
@@ -231,7 +220,7 @@ def test_hapo_switched_off_is_trl_grpo(tmp_path, loss_type, kl_beta):
     """With α = β = 0, no dual clip, GRPO advantages and fixed temperature, the HAPO trainer's
     loss and gradients are TRL's own GRPOTrainer's on the same batch, for each loss_type, in
     training (an accumulation window of 2 micro-batches) and in evaluation."""
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c"] * 4})
     common = _base_args(tmp_path, loss_type=loss_type, beta=0.0)
     trl_trainer = GRPOTrainer(model=_model(tokenizer), reward_funcs=count_a,
@@ -298,7 +287,7 @@ class FullLogitsQwen2(Qwen2ForCausalLM):
 
 
 def test_model_without_logits_to_keep_trains_and_scores_the_completion(tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     reference = _model(tokenizer)
     model = FullLogitsQwen2(reference.config)
     model.load_state_dict(reference.state_dict())
@@ -345,7 +334,7 @@ def _loss_entropy_stats_on_rank(rank, world, output_dir):
     os.environ.update(env)
     from accelerate.state import AcceleratorState
     try:
-        tokenizer = _tokenizer()
+        tokenizer = char_tokenizer()
         dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c"] * 8})
         args = HAPOGRPOConfig(**_base_args(f"{output_dir}/rank{rank}"))
         trainer = HAPOGRPOTrainer(model=_model(tokenizer), reward_funcs=count_a, args=args,

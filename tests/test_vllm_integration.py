@@ -552,19 +552,7 @@ def test_validate_params_refusals():
 
 # ---------------------------------------------------------------- TRL's vLLM colocate mode
 
-CHARS = "abcdefgh "
-
-
-def _char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   padding_side="left")
+from char_tokenizer import char_tokenizer  # noqa: E402
 
 
 def _count_a(completions, **kwargs):
@@ -601,7 +589,7 @@ def test_trl_colocate_trains_with_adaptive_temperature(tmp_path, monkeypatch):
     vllm = _vllm()
     monkeypatch.setattr(vllm_generation, "LLM", functools.partial(
         vllm.LLM, dtype="float32", enforce_eager=True))
-    tokenizer = _char_tokenizer()
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
