@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 import hapo_ops
+from hapo_ops._utils.validation import VARIANTS
 from hapo_ops.entropy.signal import EntropyStats
 
 try:
@@ -61,7 +62,8 @@ TOKEN_TEMPERATURE_KEY = "hapo_token_temperature"
 # Columns of ``hapo_rollout_stats`` (one row per sample, float32).
 ROLLOUT_STATS_FIELDS = ("pivot", "log_max", "log_min", "base_temperature", "tau", "eps", "variant",
                         "quantile")
-VARIANT_CODES = {"paper": 0.0, "released": 1.0}
+# The variant column holds the variant's index in VARIANTS ("paper" 0, "released" 1).
+VARIANT_CODES = {name: float(code) for code, name in enumerate(VARIANTS)}
 
 
 def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, tau: float,
@@ -207,12 +209,18 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             raise NotImplementedError("HAPO's verl engine does not take tensor-parallel logits")
         labels = output_args["input_ids_rmpad_rolled"]
 
+        # The T = 1 entropy, once: an output (with its gradient) and/or the source of T_t.
+        from_stats = ("hapo_stats_rows" in output_args
+                      and "hapo_stored_temperature" not in output_args)
+        entropy_t1 = None
+        if calculate_entropy or from_stats:
+            entropy_t1 = hapo_ops.token_entropy(logits if calculate_entropy else logits.detach())
         with torch.no_grad():
             if "hapo_stored_temperature" in output_args:
                 temperature = output_args["hapo_stored_temperature"].to(logits.device)
-            elif "hapo_stats_rows" in output_args:
-                entropy_t1 = hapo_ops.token_entropy(logits.detach())
-                temperature = token_temperature(entropy_t1, output_args["hapo_stats_rows"].to(logits.device))
+            elif from_stats:
+                temperature = token_temperature(entropy_t1.detach(),
+                                                output_args["hapo_stats_rows"].to(logits.device))
             else:  # verl's own per-sample temperature
                 temperature = output_args["temperature_rmpad"].to(device=logits.device,
                                                                   dtype=torch.float32)
@@ -225,7 +233,7 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             model_output["log_probs"] = nest(self._gather_and_unpad_packed(log_probs, pad_size),
                                              cu_seqlens)
         if calculate_entropy:
-            entropy = self._gather_and_unpad_packed(hapo_ops.token_entropy(logits), pad_size)
+            entropy = self._gather_and_unpad_packed(entropy_t1, pad_size)
             model_output["entropy"] = nest(entropy, cu_seqlens)
             collected = getattr(self, "_hapo_entropies", None)
             if collected is not None:  # the response tokens, sliced as verl's loss slices them
