@@ -87,6 +87,14 @@ def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, ta
                          float(eps), VARIANT_CODES[variant], float(quantile)], dtype=torch.float32)
 
 
+def variant_of_code(code: float) -> str:
+    """The variant whose code (:data:`VARIANT_CODES`) a ``hapo_rollout_stats`` row holds."""
+    if code not in VARIANT_CODES.values():
+        raise ValueError(f"{ROLLOUT_STATS_KEY}: variant code must be one of "
+                         f"{sorted(VARIANT_CODES.values())}, got {code}")
+    return VARIANTS[int(code)]
+
+
 def _uniform(values: torch.Tensor, name: str) -> float:
     first = values[:1]
     if values.numel() and not torch.equal(values, first.expand_as(values)):
@@ -102,8 +110,7 @@ def token_temperature(entropy: torch.Tensor, stats_rows: torch.Tensor) -> torch.
     token (each sample's row repeated). pivot, log_max, log_min may differ per token; τ,
     T_base, eps and the variant must be the same for all.
     """
-    variant_code = _uniform(stats_rows[:, 6], "variant")
-    variant = next(name for name, code in VARIANT_CODES.items() if code == variant_code)
+    variant = variant_of_code(_uniform(stats_rows[:, 6], "variant"))
     stats = EntropyStats(stats_rows[:, 0], stats_rows[:, 1], stats_rows[:, 2])
     return hapo_ops.adaptive_temperature(
         entropy, stats, base_temperature=_uniform(stats_rows[:, 3], "base_temperature"),
@@ -271,4 +278,5 @@ __all__ = [
     "VARIANT_CODES",
     "rollout_stats_row",
     "token_temperature",
+    "variant_of_code",
 ]

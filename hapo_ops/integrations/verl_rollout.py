@@ -35,7 +35,7 @@ import torch
 
 from hapo_ops.entropy.signal import EntropyStats
 from hapo_ops.integrations.verl_engine import (ROLLOUT_STATS_FIELDS, ROLLOUT_STATS_KEY,
-                                               VARIANT_CODES, rollout_stats_row)
+                                               rollout_stats_row, variant_of_code)
 from hapo_ops.integrations.vllm import EXTRA_ARGS_KEY, sampling_extra_args
 
 try:
@@ -149,7 +149,7 @@ def request_sampling_params(sampling_params: dict, row: Any) -> dict:
         raise ValueError(f"{ROLLOUT_STATS_KEY} must hold {len(ROLLOUT_STATS_FIELDS)} values "
                          f"{ROLLOUT_STATS_FIELDS}, got {row.numel()}")
     fields = dict(zip(ROLLOUT_STATS_FIELDS, row.tolist()))
-    variant = next(name for name, code in VARIANT_CODES.items() if code == fields["variant"])
+    variant = variant_of_code(fields["variant"])
     stats = EntropyStats(*(torch.tensor(fields[k]) for k in ("pivot", "log_max", "log_min")))
     extra = sampling_extra_args(stats, tau=fields["tau"], base_temperature=fields["base_temperature"],
                                 variant=variant, eps=fields["eps"])
