@@ -730,12 +730,45 @@ def _infer(worker, td, **extra):
     return worker.actor.infer_batch(td)
 
 
-@pytest.mark.parametrize("static_pad", [False, True])
-def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, static_pad):
+def _as_transfer_queue_returns(rows):
+    """A (batch, K) column as TransferQueue hands it back: stored sample by sample, then
+    packed by its storage manager (a jagged nested tensor, whatever the rows' lengths)."""
+    from transfer_queue.storage.managers.simple_storage_manager import AsyncSimpleStorageManager
+
+    return AsyncSimpleStorageManager._pack_field_values(list(rows.unbind()))
+
+
+def test_stats_rows_come_back_dense_from_transfer_queues_nested_column():
+    """The per-sample row comes back through TransferQueue as a nested (batch, j) tensor;
+    the engine reads it as the dense (batch, 8) rows it was, and refuses ragged rows."""
+    from hapo_ops.integrations import verl_engine
+
+    rows = torch.stack([verl_engine.rollout_stats_row(None, base_temperature=0.7, tau=0.2),
+                        verl_engine.rollout_stats_row((0.5, 1.0, -2.0), base_temperature=0.7,
+                                                      tau=0.2, variant="released")] * 4)
+    packed = _as_transfer_queue_returns(rows)
+    assert packed.is_nested and packed.layout == torch.jagged
+    torch.testing.assert_close(verl_engine.dense_stats_rows(packed), rows, rtol=0, atol=0)
+    strided = torch.nested.as_nested_tensor(list(rows.unbind()), layout=torch.strided)
+    torch.testing.assert_close(verl_engine.dense_stats_rows(strided), rows, rtol=0, atol=0)
+    torch.testing.assert_close(verl_engine.dense_stats_rows(rows.double()), rows, rtol=0, atol=0)
+    ragged = torch.nested.as_nested_tensor([rows[0], rows[1, :7]], layout=torch.jagged)
+    with pytest.raises(ValueError, match="hapo_rollout_stats must hold 8 values"):
+        verl_engine.dense_stats_rows(ragged)
+    with pytest.raises(ValueError, match=r"shape \(batch, 8\)"):
+        verl_engine.dense_stats_rows(rows[:, :7])
+    with pytest.raises(TypeError, match="hapo_rollout_stats must be a tensor"):
+        verl_engine.dense_stats_rows(rows.tolist())
+
+
+@pytest.mark.parametrize("static_pad,transfer_queue", [(False, False), (True, False), (False, True)])
+def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, static_pad,
+                                                      transfer_queue):
     """VERL_ENGINE_VENDOR=hapo makes verl's own worker build HAPO's engine; on a tiny random
     Qwen2 (fp32, eager attention) its log-probs at the per-token temperatures, the T = 1
     entropy and T_t equal an independent transformers reference, with and without verl's
-    static packed padding."""
+    static packed padding, and with the statistics column as TransferQueue returns it
+    (nested)."""
     from hapo_ops.integrations import verl_engine
 
     monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
@@ -746,7 +779,7 @@ def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, 
     td = _update_batch(seed=3)
     reference = _reference_logits(verl_on_cpu, td["input_ids"])
     rows = _stats_rows(reference, base_temperature=0.9, tau=0.3)
-    td[verl_engine.ROLLOUT_STATS_KEY] = rows
+    td[verl_engine.ROLLOUT_STATS_KEY] = _as_transfer_queue_returns(rows) if transfer_queue else rows
     out = _infer(worker, td, temperature=0.9)
     _check_against_reference(out, reference, rows)
     # the statistics of this batch's T = 1 entropies (response tokens), for the next rollout

@@ -87,6 +87,33 @@ def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, ta
                          float(eps), VARIANT_CODES[variant], float(quantile)], dtype=torch.float32)
 
 
+def dense_stats_rows(rows: Any) -> torch.Tensor:
+    """The ``hapo_rollout_stats`` column as a dense (batch, 8) float32 tensor.
+
+    verl hands it over dense, but TransferQueue stores every tensor column sample by sample
+    and rebuilds it with ``torch.nested.as_nested_tensor(rows, layout=torch.jagged)`` (or
+    the strided layout), which comes back as a nested (batch, j) tensor even though every
+    row has 8 values. A nested column is padded back to dense; rows of any other length
+    are refused. Reads only shapes (no host synchronisation).
+    """
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{ROLLOUT_STATS_KEY} must be a tensor of shape (batch, "
+                        f"{len(ROLLOUT_STATS_FIELDS)}), got {type(rows).__name__}")
+    width = len(ROLLOUT_STATS_FIELDS)
+    if rows.is_nested:
+        dense = rows.to_padded_tensor(0.0)
+        # every row is at most `width` long and all of them hold batch·width values
+        if dense.dim() != 2 or dense.shape[-1] != width or rows.numel() != dense.numel():
+            raise ValueError(f"{ROLLOUT_STATS_KEY} must hold {width} values per sample "
+                             f"{ROLLOUT_STATS_FIELDS}, got a nested tensor of rows of "
+                             f"other lengths ({rows.numel()} values over {dense.shape[0]} rows)")
+        rows = dense
+    if rows.dim() != 2 or rows.shape[-1] != width:
+        raise ValueError(f"{ROLLOUT_STATS_KEY} must have shape (batch, {width}), got "
+                         f"{tuple(rows.shape)}")
+    return rows.to(torch.float32)
+
+
 def variant_of_code(code: float) -> str:
     """The variant whose code (:data:`VARIANT_CODES`) a ``hapo_rollout_stats`` row holds."""
     if code not in VARIANT_CODES.values():
@@ -151,7 +178,7 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         finally:
             collected, self._hapo_entropies = self._hapo_entropies, None
         if collect:
-            rows = data[ROLLOUT_STATS_KEY].to(torch.float32)
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
             values = (torch.cat(collected) if collected
                       else torch.zeros(0, dtype=torch.float32, device=rows.device))
             group = None
@@ -191,10 +218,7 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             output_args["hapo_stored_temperature"] = self._packed_like_inputs(
                 stored, static_pad_size, pad_value=1.0)
         elif ROLLOUT_STATS_KEY in micro_batch.keys():
-            rows = micro_batch[ROLLOUT_STATS_KEY].to(torch.float32)
-            if rows.dim() != 2 or rows.shape[-1] != len(ROLLOUT_STATS_FIELDS):
-                raise ValueError(f"{ROLLOUT_STATS_KEY} must have shape (batch, "
-                                 f"{len(ROLLOUT_STATS_FIELDS)}), got {tuple(rows.shape)}")
+            rows = dense_stats_rows(micro_batch[ROLLOUT_STATS_KEY])
             sample = torch.arange(rows.shape[0], device=rows.device)
             token_sample = verl_F.expand_as_nested(sample, input_ids).values()
             token_sample = self._packed_like_inputs(token_sample, static_pad_size, pad_value=0)
@@ -276,6 +300,7 @@ __all__ = [
     "ROLLOUT_STATS_KEY",
     "TOKEN_TEMPERATURE_KEY",
     "VARIANT_CODES",
+    "dense_stats_rows",
     "rollout_stats_row",
     "token_temperature",
     "variant_of_code",
