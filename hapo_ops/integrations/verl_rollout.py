@@ -128,7 +128,10 @@ class HAPOAgentLoopManager(AgentLoopManagerTQ):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hapo_settings = hapo_settings(self.config)
-        stats_board(create=True)
+        # A named actor that is not detached dies with its last owner handle (handles from
+        # ray.get_actor do not count): this manager lives as long as the training job (verl's
+        # task runner keeps it for the whole fit), so it keeps the handle.
+        self.stats_board = stats_board(create=True)
 
     def generate_sequences(self, prompts):
         validate = "validate" in prompts.keys() and bool(prompts["validate"])
