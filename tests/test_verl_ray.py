@@ -37,7 +37,7 @@ class TaskRunner:
     that returns, and keeps the manager (as ``self.agent_loop_manager``) for the job."""
 
     def init_agent_loop_manager(self, config):
-        from hapo_ops.integrations.verl_rollout import HAPOAgentLoopManager
+        from hapo_ops.integrations.verl.rollout import HAPOAgentLoopManager
 
         self.agent_loop_manager = HAPOAgentLoopManager(config=config, llm_client=None)
         gc.collect()
@@ -46,17 +46,17 @@ class TaskRunner:
 
 @ray.remote(num_cpus=0)
 def publish(values):
-    from hapo_ops.integrations.verl_rollout import publish_entropy_stats
+    from hapo_ops.integrations.verl.board import publish_entropy_stats
 
-    return publish_entropy_stats(EntropyStats(*(torch.tensor(v) for v in values)))
+    publish_entropy_stats(EntropyStats(*(torch.tensor(v) for v in values)), step=1)
 
 
 @ray.remote(num_cpus=0)
 def read():
-    from hapo_ops.integrations.verl_rollout import latest_entropy_stats
+    from hapo_ops.integrations.verl.board import latest_entropy_stats
 
-    stats = latest_entropy_stats()
-    return None if stats is None else tuple(float(v) for v in stats)
+    published = latest_entropy_stats()
+    return None if published is None else (*(float(v) for v in published.stats), published.step)
 
 
 def test_statistics_published_by_one_worker_are_read_by_another(local_ray):
@@ -68,5 +68,5 @@ def test_statistics_published_by_one_worker_are_read_by_another(local_ray):
     gc.collect()
     assert ray.get(read.remote()) is None  # nothing published yet
     ray.get(publish.remote((0.25, 1.5, -2.0)))
-    assert ray.get(read.remote()) == (0.25, 1.5, -2.0)
+    assert ray.get(read.remote()) == (0.25, 1.5, -2.0, 1)
     ray.kill(runner)
