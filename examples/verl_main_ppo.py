@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,7 +43,7 @@ HAPO_OVERRIDES = [
     "actor_rollout_ref.actor.clip_ratio_c=10.0",
     "+actor_rollout_ref.actor.policy_loss.hapo_alpha=1.0",
     "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_ENGINE_VENDOR=hapo",
-    "+actor_rollout_ref.rollout.agent.agent_loop_manager_class=hapo_ops.integrations.verl_rollout.HAPOAgentLoopManager",
+    "+actor_rollout_ref.rollout.agent.agent_loop_manager_class=hapo_ops.integrations.verl.rollout.HAPOAgentLoopManager",
     "actor_rollout_ref.rollout.agent.agent_loop_config_path=hapo_agent_loops.yaml",
     "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn_agent",
     "+actor_rollout_ref.rollout.engine_kwargs.vllm.logits_processors=[hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor]",
@@ -51,7 +52,7 @@ HAPO_OVERRIDES = [
 ]
 AGENT_LOOPS = """\
 - name: hapo_single_turn_agent
-  _target_: hapo_ops.integrations.verl_rollout.HAPOSingleTurnAgentLoop
+  _target_: hapo_ops.integrations.verl.rollout.HAPOSingleTurnAgentLoop
 """
 TAU = 0.5  # large, so that the spread of the per-token temperatures is unmistakable
 PROMPTS = ["ab", "ba", "abc", "cab", "aab", "bca", "ca", "bb"]
@@ -225,32 +226,47 @@ def read_metrics(path: str) -> dict[int, dict]:
 def run(workdir: str, hapo_overrides=HAPO_OVERRIDES, steps: int = 2, extra=(),
         timeout: float = 900, log_path: str | None = None) -> int:
     """Build the assets in ``workdir`` and run verl's trainer (output to ``log_path``, or
-    the console). On a timeout the process group, Ray with it, is killed; returns the exit
-    code (-9 after a kill)."""
+    the console). Afterwards, and on a timeout, every process of the run is killed (the
+    trainer's process group, and Ray's workers, which start their own); returns the exit
+    code (-9 after a timeout)."""
     paths = build_assets(workdir)
     if os.path.exists(paths["metrics"]):
         os.remove(paths["metrics"])
+    env = environment(paths)
+    env[RUN_MARKER] = f"{os.getpid()}-{time.time_ns()}"
     log = open(log_path, "w", encoding="utf-8") if log_path else None
-    proc = subprocess.Popen(command(paths, hapo_overrides, steps, extra), cwd=workdir,
-                            env=environment(paths), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(command(paths, hapo_overrides, steps, extra), cwd=workdir, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return -9
     finally:
-        stop(proc)
+        stop(proc, env[RUN_MARKER])
         if log:
             log.close()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Kill the run's process group (the trainer and every Ray process it started)."""
+RUN_MARKER = "HAPO_EXAMPLE_RUN"  # in the environment of every process of one run
+
+
+def stop(proc: subprocess.Popen, marker: str) -> None:
+    """Kill the run's process group (the trainer, Ray's raylet and services), then any
+    process left whose environment carries this run's ``marker`` (Ray's workers, each in a
+    session of its own); other processes, other Ray clusters included, are left alone."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    token = f"{RUN_MARKER}={marker}".encode()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if token in f.read().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def main() -> int:
