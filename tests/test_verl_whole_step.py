@@ -106,10 +106,15 @@ def test_hapo_loss_metrics_in_every_step(sync_run):
 
 def test_rollout_samples_at_per_token_temperatures_from_step_two(sync_run):
     """Step 1 has no statistics (T_t = T_base everywhere); step 2 uses step 1's, and its
-    response tokens were sampled at temperatures spread inside T_base·(1 ± τ)."""
+    response tokens were sampled at temperatures spread inside T_base·(1 ± τ).
+
+    ``rollout/hapo/temperature_*`` summarise the T_t the trainer stored with the batch; that
+    vLLM sampled at the same T_t is what the probability agreement below shows (vLLM's
+    processed log-probs are at the temperatures its HAPO processor applied)."""
     code, metrics, log = sync_run
     assert code == 0, _tail(log)
     first, second = metrics[1], metrics[2]
+    assert first["rollout/hapo/stats_errors"] == second["rollout/hapo/stats_errors"] == 0
     base, tau = 1.0, example.TAU
     assert first["rollout/hapo/has_stats"] == 0
     for key in ("min", "mean", "max"):
@@ -141,3 +146,35 @@ def test_trainer_old_log_probs_agree_with_the_rollouts(sync_run):
         assert diff.get("training/rollout_probs_diff_valid") == 1, sorted(metrics[step])
         assert diff["training/rollout_probs_diff_max"] < 1e-5, (step, diff)
         assert diff["training/rollout_probs_diff_mean"] < 1e-7, (step, diff)
+
+
+@pytest.fixture(scope="module")
+def colocate_async_run(tmp_path_factory):
+    """One step of verl's colocate_async trainer (partial rollouts, the engine paused and its
+    requests aborted around each weight update) with the same configuration."""
+    workdir = str(tmp_path_factory.mktemp("verl_main_ppo_async"))
+    log_path = os.path.join(workdir, "run.log")
+    lines, _ = readme_verl_configuration()
+    code = example.run(workdir, hapo_overrides=lines, steps=1, timeout=TIMEOUT_S,
+                       log_path=log_path,
+                       extra=["trainer.v1.trainer_mode=colocate_async", "data.gen_batch_size=4"])
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics = example.read_metrics(metrics_path) if os.path.exists(metrics_path) else {}
+    log = open(log_path, encoding="utf-8", errors="replace").read()
+    return code, metrics, log
+
+
+def test_a_whole_colocate_async_step(colocate_async_run):
+    """The async trainer mode runs a whole HAPO step too: exit 0, the loss metrics, the
+    rollout at T_base (no statistics before the first batch), old log-probs equal to the
+    rollout's, and verl's pause of the rollout engine (requests aborted) went through."""
+    code, metrics, log = colocate_async_run
+    assert code == 0, _tail(log)
+    assert sorted(metrics) == [1], _tail(log)
+    step = metrics[1]
+    hapo = {k: v for k, v in step.items() if k.startswith("actor/hapo/")}
+    assert hapo and all(math.isfinite(v) for v in hapo.values()), hapo
+    assert step["rollout/hapo/has_stats"] == 0
+    assert step["training/rollout_probs_diff_valid"] == 1
+    assert step["training/rollout_probs_diff_max"] < 1e-5
+    assert "Aborted" in log and "requests" in log
