@@ -1304,3 +1304,27 @@ def test_hapo_engine_checkpoint_carries_the_statistics(verl_on_cpu, monkeypatch,
     for got, want in zip(fresh.actor.engine.hapo_batch_stats, saved):
         assert float(got) == float(want)
     assert "not published" in caplog.text
+
+
+def test_verl_package_modules_import_one_way():
+    """settings, wire, board, loss, engine, rollout: each module of the package imports
+    (at any depth of its code) only modules before it."""
+    import ast
+    import pathlib
+
+    order = ["settings", "wire", "board", "loss", "engine", "rollout"]
+    package = pathlib.Path(hapo_verl.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
+    for position, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "hapo_ops.integrations.verl":
+                    imported.update(alias.name for alias in node.names)
+                elif node.module.startswith("hapo_ops.integrations.verl."):
+                    imported.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                imported.update(a.name.rsplit(".", 1)[1] for a in node.names
+                                if a.name.startswith("hapo_ops.integrations.verl."))
+        assert imported <= set(order[:position]), (name, imported - set(order[:position]))
