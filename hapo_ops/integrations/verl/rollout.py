@@ -45,7 +45,6 @@ from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_KEY, TOKEN_TEMPERATUR
 from hapo_ops.integrations.vllm import EXTRA_ARGS_KEY
 
 try:
-    import ray  # noqa: F401  (the board's transport)
     from verl.experimental.agent_loop.agent_loop import register
     from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
     from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
