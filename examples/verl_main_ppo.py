@@ -85,8 +85,9 @@ def build_model(path: str, seed: int = 0) -> None:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer(path)
-    # Exactly the tokenizer's size: vLLM never samples ids the tokenizer lacks, so padding
-    # rows would be probability mass the trainer counts and the rollout does not.
+    # Exactly the tokenizer's size: random rows past it would hold probability mass for ids
+    # the tokenizer cannot produce (with such rows and a bf16 trainer, the trainer's and
+    # vLLM's probabilities differed by up to 0.2).
     vocab_size = len(tokenizer)
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
