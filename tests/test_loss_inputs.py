@@ -212,6 +212,47 @@ def test_every_loss_returns_h_hat_shaped_like_per_token(name, dtype):
     assert bool(out.h_hat[mask].any()) == (name == "hapo")
 
 
+# --------------------------------------------------------------------------- empty batches
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_an_empty_batch_gives_a_zero_loss_and_gradient(name, shape, dtype, per_token):
+    """A data-parallel rank with nothing to train on: (0, L) or (B, 0) inputs give a loss of
+    exactly 0, a zero gradient of the input's shape and dtype, empty per-token outputs and
+    metrics of 0, with every aggregation and with weights."""
+    lp, old = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    adv = torch.zeros(shape if per_token else shape[:1], dtype=dtype)
+    weights = torch.ones(shape if per_token else shape[:1], dtype=dtype)
+    for agg in (MODES if name != "gspo" else ["seq-mean-token-mean", "token-mean"]):
+        out, grad = _run(LOSSES[name], lp, old, adv, torch.ones(shape, dtype=torch.bool),
+                         agg=agg, weights=weights)
+        assert out.loss.shape == () and float(out.loss.detach()) == 0.0, agg
+        assert grad.shape == shape and grad.dtype == dtype and not grad.any()
+        assert out.per_token.shape == shape and out.h_hat.shape == shape
+        for field in out._fields[2:-1]:
+            value = getattr(out, field)
+            assert value.shape == () and float(value) == 0.0, (agg, field)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)])
+def test_empty_aggregation_and_clip_bounds(shape):
+    """aggregate_loss of an empty per-token loss is 0 in every mode (given denominators
+    too); adaptive_clip_bounds of an empty ĥ gives empty bounds."""
+    per_token = torch.zeros(shape, requires_grad=True)
+    mask = torch.ones(shape)
+    for mode in MODES if len(shape) == 2 else ["token-mean", "token-sum"]:
+        for kw in ({}, dict(num_tokens=7, num_sequences=3, normalizer=4.0)):
+            loss = aggregate_loss(per_token, mask, mode, **kw)
+            loss.backward()
+            assert loss.shape == () and float(loss) == 0.0, (mode, kw)
+            assert per_token.grad.shape == shape and not per_token.grad.any()
+    low, high = adaptive_clip_bounds(torch.zeros(shape), eps_low=0.1, eps_high=0.3, alpha=2.0)
+    assert low.shape == high.shape == shape
+
+
 # --------------------------------------------------------------------------- denominators
 
 

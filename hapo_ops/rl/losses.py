@@ -38,6 +38,10 @@ class PolicyLossOutput(NamedTuple):
     h_hat: the per-token normalized entropy ĥ the loss used (``hapo_policy_loss``), in the
     loss dtype, 0 outside the mask; a zero tensor shaped like ``per_token`` for the losses
     without ĥ. Detached.
+
+    An empty batch ((0, L) or (B, 0), e.g. a data-parallel rank with nothing to train on)
+    gives a loss of 0 with a zero gradient of the input's shape, empty per-token fields and
+    metrics of 0; with ``group=`` such a rank still joins the collectives.
     """
 
     loss: torch.Tensor
@@ -83,7 +87,7 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
     ValueError otherwise); the widened ε_low' may reach 1 or more, which only removes the
     lower clip of those tokens (r > 0 ≥ 1 - ε_low').
     """
-    h_hat = check_tensor("h_hat", h_hat, floating=True)
+    h_hat = check_tensor("h_hat", h_hat, floating=True, allow_empty=True)
     eps_low = check_clip_eps("eps_low", eps_low, h_hat, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, h_hat, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
@@ -124,10 +128,10 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     A given denominator (number or one-element tensor) must be > 0 and is used as given
     (see ``given_denominator``: values are checked on the CPU; on an accelerator a 0 gives
     inf or NaN). A default denominator counted from an empty mask counts as 1, so an
-    all-masked batch gives 0, not NaN.
+    all-masked or empty batch ((0, L), (B, 0)) gives 0, not NaN.
     """
-    per_token = check_tensor("per_token", per_token, floating=True)
-    valid = check_mask("mask", mask, per_token.shape)
+    per_token = check_tensor("per_token", per_token, floating=True, allow_empty=True)
+    valid = check_mask("mask", mask, per_token.shape, allow_empty=True)
     check_same_device("mask", valid, "per_token", per_token)
     mode = check_choice("mode", mode, AGGREGATION_MODES)
     scale = aggregation_scale(valid, mode, per_token.dtype, num_tokens=num_tokens,
@@ -248,17 +252,17 @@ def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated (logprobs, old_logprobs, advantages broadcast to the token shape, bool mask)."""
-    logprobs = check_tensor("logprobs", logprobs, floating=True)
-    old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True)
+    logprobs = check_tensor("logprobs", logprobs, floating=True, allow_empty=True)
+    old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True, allow_empty=True)
     check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     check_same_device("old_logprobs", old_logprobs, "logprobs", logprobs)
     if old_logprobs.dtype != logprobs.dtype:
         raise TypeError(f"old_logprobs must have the dtype of logprobs ({logprobs.dtype}), "
                         f"got {old_logprobs.dtype}")
-    advantages = check_tensor("advantages", advantages, floating=True)
+    advantages = check_tensor("advantages", advantages, floating=True, allow_empty=True)
     check_same_device("advantages", advantages, "logprobs", logprobs)
     advantages = per_token_view("advantages", advantages, logprobs)
-    valid = check_mask("mask", mask, logprobs.shape)
+    valid = check_mask("mask", mask, logprobs.shape, allow_empty=True)
     check_same_device("mask", valid, "logprobs", logprobs)
     return logprobs, old_logprobs, advantages, valid
 
@@ -599,7 +603,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    entropy = check_tensor("entropy", entropy, floating=True)
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     check_same_shape("entropy", entropy, "logprobs", logprobs)
     check_same_device("entropy", entropy, "logprobs", logprobs)
     variant = check_variant(variant)
