@@ -16,7 +16,7 @@ from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_floa
                                   check_same_shape, check_tensor, check_variant)
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
-from hapo_ops.rl.advantages import redistribution_scale
+from hapo_ops.rl.advantages import check_beta, redistribution_scale
 
 AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                      "seq-mean-token-sum-norm")
@@ -574,7 +574,8 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         default: from this call's entropy and mask.
       variant: "paper" or "released".
       eps_low: base ε_low in [0, 1) (float or tensor); eps_high: base ε_high ≥ 0.
-      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β, the redistribution strength.
+      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β in [0, 1], the
+        redistribution strength (β ≤ 1 keeps every advantage's sign).
       quantile: q in [0, 1] of the entropy pivot (when ``stats`` is None).
       dual_clip: c > 1 or None; log_ratio_clamp: bound on |log r| (> 0).
       entropy_eps: floor of H before the log.
@@ -610,7 +611,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
-    beta = check_float("beta", beta)
+    beta = check_beta(beta)
     dual_clip = _check_dual_clip(dual_clip)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
