@@ -55,7 +55,8 @@ def _tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
         logp, entropy = hapo_ops.logprobs_and_entropy(
             shard, labels, temperature=temperature, impl=impl, tp_group=group,
             vocab_start=vocab_start)
-        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        # logp = -inf at row 3's label (a -inf logit): its gradient is autograd's, δ_y - p
+        (w_logp * logp + w_entropy * entropy).sum().backward()
         out[impl] = (logp.detach(), entropy.detach(), shard.grad)
         # Gradient of one output only; the wrappers; a scalar temperature.
         shard2 = logits[..., start:start + sizes[rank]].clone().requires_grad_(True)
@@ -79,7 +80,7 @@ def _tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
 def _float64_reference(logits, labels, temperature):
     s = logits.double() / temperature.double()[..., None]
     log_p = s.log_softmax(-1)
-    entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    entropy = -(log_p.exp() * torch.where(log_p.exp() > 0, log_p, 0.0)).sum(-1)
     logp = log_p.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
     return torch.where(labels == -100, 0.0, logp), entropy
 
@@ -90,11 +91,15 @@ def test_vocab_parallel_matches_unsharded(sizes, pass_start):
     results = run_ranks(_tp_worker, len(sizes), sizes, pass_start)
     logits, labels, temperature, w_logp, w_entropy = _tp_inputs(sizes)
     ref_logp64, ref_entropy64 = _float64_reference(logits, labels, temperature)
+    z64 = logits.double().requires_grad_(True)
+    logp64, entropy64 = _float64_reference(z64, labels, temperature)
+    (w_logp * logp64 + w_entropy * entropy64).sum().backward()
+    grad64 = z64.grad
     for impl in IMPLS:
         full = logits.clone().requires_grad_(True)
         logp, entropy = hapo_ops.logprobs_and_entropy(full, labels, temperature=temperature,
                                                       impl=impl)
-        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        (w_logp * logp + w_entropy * entropy).sum().backward()
         full2 = logits.clone().requires_grad_(True)
         hapo_ops.token_entropy(full2, impl=impl).mul(w_entropy).sum().backward()
         logp_t07 = hapo_ops.token_logprobs(logits, labels, temperature=0.7, impl=impl)
@@ -111,6 +116,7 @@ def test_vocab_parallel_matches_unsharded(sizes, pass_start):
             torch.testing.assert_close(tp_logp.double(), ref_logp64, rtol=1e-5, atol=1e-5)
         tp_grad = torch.cat([res[impl][2] for res in results], dim=-1)
         torch.testing.assert_close(tp_grad, full.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tp_grad.double(), grad64, rtol=1e-5, atol=1e-5)
         tp_grad_entropy = torch.cat([res[impl + "-entropy-only"] for res in results], dim=-1)
         torch.testing.assert_close(tp_grad_entropy, full2.grad, rtol=1e-5, atol=1e-6)
     assert all(res["raised"] for res in results)
