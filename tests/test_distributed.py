@@ -7,6 +7,8 @@ tensors to the parent, which compares them with the single-process op on the who
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -417,6 +419,61 @@ def test_a_rank_with_an_empty_batch_gets_the_global_result(world):
     assert torch.equal(torch.cat([res["tlga"] for res in results]), tlga)
     assert torch.equal(torch.cat([res["grpo"] for res in results]), grpo)
     assert results[1]["tlga"].shape == (0, mask.shape[1])
+
+
+# ------------------------------------------------------------------------------ checks first
+
+def _bad_calls(lp, old, adv, mask, rewards, group_ids):
+    """(name the error must contain, call) for bad arguments of the ops that all-reduce."""
+    clip_cov = functools.partial(hapo_ops.clip_cov_policy_loss, lp, old, adv, mask,
+                                 group=dist.group.WORLD)
+    kl_cov = functools.partial(hapo_ops.kl_cov_policy_loss, lp, old, adv, mask,
+                               group=dist.group.WORLD)
+    return [
+        ("eps_low", lambda: clip_cov(seed=0, eps_low=-0.1)),
+        ("eps_low", lambda: clip_cov(seed=0, eps_low=torch.full(lp.shape, 1.5))),
+        ("eps_high", lambda: clip_cov(seed=0, eps_high=-0.1)),
+        ("cov_bounds", lambda: clip_cov(seed=0, cov_bounds=(5.0, 1.0))),
+        ("seed", lambda: clip_cov()),
+        ("seed", lambda: clip_cov(seed=1.5)),
+        ("num_tokens", lambda: clip_cov(seed=0, num_tokens=0)),
+        ("kl_coef", lambda: kl_cov(kl_coef=-1.0)),
+        ("normalizer", lambda: kl_cov(normalizer=-2.0)),
+        ("num_sequences", lambda: kl_cov(num_sequences=torch.tensor(0.0))),
+        ("mask", lambda: hapo_ops.grpo_advantages(rewards, group_ids, mask[:, :1].T,
+                                                  group=dist.group.WORLD)),
+    ]
+
+
+def _checks_first_worker(rank: int, world: int):
+    """Rank 0 makes every bad call, alone: each must raise before any collective (else
+    its all-reduce would pair with rank 1's next one and the group would fall out of
+    step). Then both ranks make one good call each, which must agree."""
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(4, 5, generator=g) * 2
+    old, adv = lp + 0.1 * torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    rewards, group_ids = torch.rand(4, generator=g), torch.tensor([0, 0, 1, 1])
+    errors = []
+    if rank == 0:
+        for name, call in _bad_calls(lp, old, adv, mask, rewards, group_ids):
+            try:
+                call()
+                errors.append(f"{name}: no error")
+            except (ValueError, TypeError) as error:
+                if name not in str(error):
+                    errors.append(f"{name}: {error}")
+    kl = hapo_ops.kl_cov_policy_loss(lp, old, adv, mask, cov_fraction=0.5,
+                                     group=dist.group.WORLD).per_token
+    grpo = hapo_ops.grpo_advantages(rewards, group_ids, group=dist.group.WORLD)
+    return errors, kl, grpo
+
+
+def test_a_bad_argument_raises_before_any_collective():
+    results = run_ranks(_checks_first_worker, 2)
+    assert results[0][0] == []
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][2], results[1][2])
 
 
 # ------------------------------------------------------------------------------ compile

@@ -18,7 +18,7 @@ from hapo_ops._utils.segments import ACCUMULATE_DTYPE, compact_group_index, segm
 from hapo_ops._utils.validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
-from hapo_ops._utils.collectives import all_gather_rows
+from hapo_ops._utils.collectives import all_gather_rows, check_process_group
 
 
 def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
@@ -87,12 +87,13 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     """
     _check_rewards_and_groups(rewards, group_ids)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+    valid = None if mask is None else _check_response_mask(mask, rewards)
+    group = check_process_group("group", group)          # every check before the collectives
     ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(ACCUMULATE_DTYPE)])
     advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
-    if mask is None:
+    if valid is None:
         return advantages
-    valid = _check_response_mask(mask, rewards)
     return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
                                                                 device=advantages.device))
 
@@ -159,6 +160,7 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
         fallback_threshold = check_float("fallback_threshold", fallback_threshold,
                                          min_value=0.0, min_inclusive=False)
     variant = check_variant(variant)
+    group = check_process_group("group", group)          # every check before the collectives
 
     lengths = valid.sum(-1).to(ACCUMULATE_DTYPE)
     padded = (lengths < valid.shape[-1]).to(ACCUMULATE_DTYPE)

@@ -151,9 +151,8 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     uses it. It is also ∂loss/∂ℓ, the upstream gradient of every valid token."""
     mode = check_choice("mode", mode, AGGREGATION_MODES)
     ref = torch.empty((), dtype=dtype, device=valid.device)
-    given = {name: given_denominator(name, value, ref) for name, value in
-             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
-              ("normalizer", normalizer)) if value is not None}
+    given = check_denominators(ref, num_tokens=num_tokens, num_sequences=num_sequences,
+                               normalizer=normalizer)
     if mode == "token-sum":
         return torch.ones((), dtype=dtype, device=valid.device)
     if mode == "token-mean":
@@ -176,6 +175,19 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     if mode == "seq-mean-token-sum":
         return denominator.reciprocal()
     return (lengths.clamp_min(1).to(dtype) * denominator).reciprocal()
+
+
+def check_denominators(ref: torch.Tensor, *, num_tokens: float | torch.Tensor | None = None,
+                       num_sequences: float | torch.Tensor | None = None,
+                       normalizer: float | torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The given denominators of ``aggregate_loss`` by name, each checked
+    (``given_denominator``) and as a 0-d tensor of ``ref``'s dtype and device. A loss that
+    all-reduces calls it before its first collective, so that a bad value raises on every
+    rank before any rank waits on the others."""
+    return {name: given_denominator(name, value, ref) for name, value in
+            (("num_tokens", num_tokens), ("num_sequences", num_sequences),
+             ("normalizer", normalizer)) if value is not None}
 
 
 def scaled_sum(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
