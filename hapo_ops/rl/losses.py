@@ -95,16 +95,11 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
 
 
 def _widened_eps(h_hat: torch.Tensor, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
-                 alpha: float, *, as_ratio_bounds: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε_low', ε_high') = (ε_low + ε_low·α·(-min(ĥ, 0)), ε_high + ε_high·α·max(ĥ, 0)), the
-    where-form above in three passes each; with ``as_ratio_bounds`` the ratio bounds
-    (1 - ε_low', 1 + ε_high') = (1 - ε_low + ε_low·α·min(ĥ, 0), 1 + ε_high + ε_high·α·max(ĥ, 0)),
-    also in three passes."""
-    sign = -1.0 if as_ratio_bounds else 1.0
-    offset = 1.0 if as_ratio_bounds else 0.0
-    low = h_hat.clamp(max=0.0).mul_(-sign * alpha * eps_low).add_(offset + sign * eps_low)
-    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(offset + eps_high)
+    where-form above in three passes each."""
+    low = h_hat.clamp(max=0.0).mul_(-alpha * eps_low).add_(eps_low)
+    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(eps_high)
     return low, high
 
 
@@ -322,12 +317,13 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
                       log_ratio_clamp: float) -> torch.Tensor:
-    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype (differentiable), 0 at
-    masked positions (whatever they hold)."""
+    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype, 0 at masked positions
+    (whatever they hold), with no gradient there: differentiable in ``logprobs`` (the
+    companion losses), or without gradient under ``torch.no_grad`` (the fused loss). One
+    new tensor, masked and clamped in place."""
     dtype = loss_dtype(logprobs.dtype)
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), zero)
-    return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    log_ratio = torch.sub(logprobs.to(dtype), old_logprobs.to(dtype))
+    return log_ratio.masked_fill_(~valid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
 
 
 def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
@@ -370,14 +366,12 @@ def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrT
 
 
 def _log_ratio_and_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                         invalid: torch.Tensor, log_ratio_clamp: float
+                         valid: torch.Tensor, log_ratio_clamp: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(logp - logp_old, ±clamp), its exp) in the loss dtype, no gradient, 0 and 1 at
-    masked positions."""
-    dtype = loss_dtype(logprobs.dtype)
+    """(``clamped_log_ratio``, its exp), no gradient: 0 and 1 at masked positions."""
     with torch.no_grad():
-        log_ratio = torch.sub(logprobs.detach().to(dtype), old_logprobs.detach().to(dtype))
-        log_ratio.masked_fill_(invalid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
+        log_ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
+                                      log_ratio_clamp)
         return log_ratio, log_ratio.exp()
 
 
@@ -538,7 +532,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     scale = aggregation_scale(valid, agg, loss_dtype(logprobs.dtype), num_tokens=num_tokens,
                               num_sequences=num_sequences, normalizer=normalizer)
     invalid = ~valid
-    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
+    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     coef = _loss_coefficient(advantages, weights, valid, ratio.dtype)
     return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, 1.0 - eps_low,
                          1.0 + eps_high, dual_clip, log_ratio_clamp, scale)
@@ -643,7 +637,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         # ε' themselves (not the ratio bounds 1 ∓ ε'), so that the neutral zone's edges
         # 1 ∓ ε'/2 are those of redistribute_advantages with adaptive_clip_bounds' ε'
         widened_low, widened_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
-        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
+        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, valid,
                                                 log_ratio_clamp)
         coef = _loss_coefficient(advantages, weights, valid, dtype)
         coef.mul_(redistribution_scale(h_hat, ratio, eps_low=widened_low,
