@@ -154,6 +154,27 @@ def test_weights_off_the_mask_never_leak(name):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["clipped", "hapo", "clip_cov", "gspo", "cispo"])
+def test_tensor_eps_off_the_mask_never_leaks(name):
+    """Per-token ε tensors holding NaN (ε_low, ε_high) or inf (ε_high) at masked positions
+    give the loss, per-token values, metrics and gradient of ε that is finite there."""
+    lp, old, adv, mask = _batch(13, 3, 6)
+    eps_low = torch.linspace(0.1, 0.3, 18, dtype=F64).reshape(3, 6)
+    eps_high = torch.linspace(0.2, 0.4, 18, dtype=F64).reshape(3, 6)
+    nan = torch.tensor(float("nan"), dtype=F64)
+    bad_low = torch.where(mask, eps_low, nan)
+    bad_high = torch.where(mask, eps_high, nan)
+    bad_high[~mask & (torch.arange(6) % 2 == 0)] = float("inf")
+    assert (~mask).any()
+    got, got_grad = _run(LOSSES[name], lp, old, adv, mask, eps_low=bad_low, eps_high=bad_high)
+    want, want_grad = _run(LOSSES[name], lp, old, adv, mask, eps_low=eps_low,
+                           eps_high=eps_high)
+    for field in want._fields:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0.0,
+                                   atol=0.0, msg=field)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0.0, atol=0.0)
+
+
 def test_weights_bad_input_names_the_argument():
     lp, old, adv, mask = _batch(0, 2, 3)
     for name, fn in LOSSES.items():
