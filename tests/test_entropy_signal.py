@@ -440,3 +440,27 @@ def test_adaptive_temperature_dtype_does_not_depend_on_stats(dtype):
     with_stats = adaptive_temperature(entropy, stats)
     without = adaptive_temperature(entropy, None)
     assert with_stats.dtype == without.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_one_rule_for_stats_in_adaptive_temperature_and_the_vllm_helper():
+    """``stats`` is an EntropyStats or a plain tuple (pivot, log_max, log_min) of numbers or
+    tensors, in adaptive_temperature as in the vLLM helper (which needs no vLLM); a dict,
+    a list, a tuple of another length or with a non-number are refused by both, naming
+    stats."""
+    from hapo_ops import EntropyStats
+    from hapo_ops.integrations.vllm import parse_sampling_args, sampling_extra_args
+
+    entropy = torch.tensor([0.01, 0.3, 2.0])
+    given = EntropyStats(*torch.tensor([-1.0, 1.0, -4.0]))
+    want = adaptive_temperature(entropy, given, tau=0.3)
+    for stats in (given, tuple(given), (-1.0, 1.0, -4.0), (-1, 1, -4)):
+        torch.testing.assert_close(adaptive_temperature(entropy, stats, tau=0.3), want)
+        args = parse_sampling_args(sampling_extra_args(stats, tau=0.3))
+        torch.testing.assert_close(adaptive_temperature(entropy, args.stats(), tau=args.tau),
+                                   want)
+    for bad in (given._asdict(), list(given), (-1.0, 1.0), (-1.0, "1.0", -4.0),
+                (-1.0, True, -4.0), (-1.0, torch.tensor(1), -4.0)):
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            adaptive_temperature(entropy, bad)
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            sampling_extra_args(bad)

@@ -31,6 +31,29 @@ class EntropyStats(NamedTuple):
     log_min: torch.Tensor
 
 
+def check_entropy_stats(name: str, stats: object) -> tuple:
+    """The one rule for a ``stats`` argument (``normalized_entropy``, ``adaptive_temperature``,
+    ``hapo_policy_loss``, the vLLM helpers): an ``EntropyStats``, or a plain tuple of its
+    three fields in order, (pivot, log_max, log_min), each a real number or a
+    floating-point tensor. Anything else, a dict or a list included (their order or keys
+    would be guessed), is a ``TypeError`` naming ``name``; build
+    ``EntropyStats(**d)`` from a dict."""
+    expected = "an EntropyStats or a tuple (pivot, log_max, log_min)"
+    if not isinstance(stats, tuple):
+        raise TypeError(f"{name} must be {expected}, got {type(stats).__name__}")
+    if len(stats) != 3:
+        raise TypeError(f"{name} must be {expected}, got a tuple of {len(stats)}")
+    for field, value in zip(EntropyStats._fields, stats):
+        if isinstance(value, torch.Tensor):
+            if not value.is_floating_point():
+                raise TypeError(f"{name}.{field} must be a float or a floating-point tensor, "
+                                f"got dtype {value.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}.{field} must be a float or a floating-point tensor, got "
+                            f"{type(value).__name__}")
+    return stats
+
+
 def log_entropy(entropy: torch.Tensor, eps: float) -> torch.Tensor:
     """ℓ = ln(max(H, eps)) as float32: the statistics and ĥ both use exactly these values, so
     the pivot token gets ĥ = 0 exactly whatever the entropy dtype."""
@@ -125,13 +148,13 @@ def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: s
       ℓ ≤ m, "paper":        ĥ = (ℓ - m) / max(m - ℓ_min, eps)   ∈ [-1, 0]
       ℓ ≤ m, "released":     ĥ = (m - ℓ) / max(m - ℓ_min, eps)   ∈ [0, 1]
     (the public reference code's sign slip, kept for reproduction), then clamped to [-1, 1]
-    since ``stats`` may come from another batch.
+    since ``stats`` may come from another batch. ``stats``: an ``EntropyStats`` or a plain
+    tuple (pivot, log_max, log_min) of numbers or tensors (``check_entropy_stats``).
     """
     entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     variant = check_variant(variant)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
-    if not isinstance(stats, tuple) or len(stats) != 3:
-        raise TypeError(f"stats must be an EntropyStats, got {type(stats).__name__}")
+    check_entropy_stats("stats", stats)
     ell = log_entropy(entropy, eps)
     pivot, log_max, log_min = (torch.as_tensor(s, device=ell.device).to(ell.dtype) for s in stats)
     above = (ell - pivot) / (log_max - pivot).clamp_min(eps)

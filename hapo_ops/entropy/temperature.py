@@ -15,7 +15,9 @@ def adaptive_temperature(entropy: torch.Tensor, stats: EntropyStats | None, *,
 
     ``entropy`` is the entropy of the raw (T = 1) next-token distribution. High-entropy
     tokens sample hotter, low-entropy ones cooler. ``stats=None`` (no training batch yet)
-    gives T_base everywhere. |τ| < 1 keeps T > 0. ``eps`` is ``normalized_entropy``'s.
+    gives T_base everywhere; otherwise ``stats`` is an ``EntropyStats`` or a plain tuple
+    (pivot, log_max, log_min), a dict being refused (``check_entropy_stats``, the rule of
+    the vLLM helpers too). |τ| < 1 keeps T > 0. ``eps`` is ``normalized_entropy``'s.
     The result has the floating dtype of ``entropy`` promoted to at least float32, with or
     without ``stats``.
     """

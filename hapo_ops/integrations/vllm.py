@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from hapo_ops._utils.validation import VARIANTS
-from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.entropy.signal import EntropyStats, check_entropy_stats
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy
 
@@ -101,8 +101,9 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
     2509.16591, §3.1), ĥ = ``normalized_entropy(H, stats, variant=variant, eps=eps)``.
 
     Args:
-      stats: ``EntropyStats`` of the previous training batch (0-d tensors or floats), or
-        None (the first step: T = T_base everywhere). Statistics of a batch without valid
+      stats: ``EntropyStats`` of the previous training batch (0-d tensors or floats), a
+        plain tuple (pivot, log_max, log_min) of them (the rule of ``normalized_entropy``;
+        a dict is refused), or None (the first step: T = T_base everywhere). Statistics of a batch without valid
         tokens (pivot 0, log_max +inf, log_min -inf) make ĥ = 0 everywhere and are sent as
         no statistics.
       tau: temperature strength τ, |τ| < 1.
@@ -123,8 +124,7 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
     entry: dict[str, float | str] = {"tau": tau, "base_temperature": base_temperature,
                                      "variant": variant, "eps": eps}
     if stats is not None:
-        if not isinstance(stats, tuple) or len(stats) != 3:
-            raise TypeError(f"stats must be an EntropyStats or None, got {type(stats).__name__}")
+        check_entropy_stats("stats", stats)     # the rule of normalized_entropy
         values = [_plain_float(f"stats.{name}", value) for name, value in zip(_STATS_FIELDS, stats)]
         pivot, log_max, log_min = values
         if any(math.isnan(v) for v in values):
