@@ -442,3 +442,42 @@ def test_fused_losses_compile_with_weights_and_16_bit_inputs(name, dtype, agg):
         torch.testing.assert_close(getattr(compiled, field), getattr(eager, field), rtol=1e-6,
                                    atol=1e-7, msg=field)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0.0, atol=0.0)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _mask_ops():
+    """(name, op of a mask) for ops across the library that take a (3, 6) token mask."""
+    import hapo_ops
+    lp, old, adv, _ = _batch(14, 3, 6)
+    entropy = torch.exp(torch.linspace(-6.0, 1.0, 18, dtype=F64)).reshape(3, 6)
+    rewards, group_ids = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 1])
+    return [
+        ("aggregate_loss", lambda m: aggregate_loss(lp, m)),
+        ("clipped", lambda m: clipped_policy_loss(lp, old, adv, m).loss),
+        ("hapo", lambda m: hapo_policy_loss(lp, old, adv, entropy, m).loss),
+        ("kl_cov", lambda m: kl_cov_policy_loss(lp, old, adv, m).loss),
+        ("entropy_stats", lambda m: torch.stack(entropy_stats(entropy, m))),
+        ("tlga", lambda m: hapo_ops.token_level_group_advantages(rewards, group_ids, m)),
+        ("token_count", lambda m: hapo_ops.global_token_count(m)),
+        ("quantile_mask", lambda m: hapo_ops.entropy_quantile_mask(entropy, m)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_a_float_mask_holds_only_0_and_1(index):
+    """One mask rule for every op: a float mask of 0 and 1 (and an integer mask, nonzero =
+    valid) equals the bool mask; a float mask holding anything else (a weight-like 0.5,
+    NaN, 2) is refused naming the mask."""
+    name, op = _mask_ops()[index]
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]],
+                        dtype=torch.bool)
+    want = op(mask)
+    for same in (mask.double(), mask.float(), mask.to(torch.int64) * 2):
+        torch.testing.assert_close(op(same), want, rtol=0.0, atol=0.0, msg=name)
+    for value in (0.5, float("nan"), 2.0):
+        bad = mask.double()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match=r"mask must hold only 0 and 1"):
+            op(bad)
