@@ -416,6 +416,46 @@ def test_v1_batch_updates_from_vllms_builder_keep_each_requests_parameters():
     run()
 
 
+def _grown_state(table) -> int:
+    """How many entries the processor table's containers hold (lists, dicts, sets)."""
+    return sum(len(v) for v in vars(table).values() if isinstance(v, (list, dict, set)))
+
+
+def test_v1_state_is_bounded_whatever_the_distinct_settings():
+    """300 requests, each with its own (tau, base_temperature, eps, variant), pass through 4
+    slots: every row gets its own request's temperature, and the processor's state does not
+    grow with the distinct settings it has seen (a fixed per-slot table, no table of
+    settings)."""
+    vllm = _vllm()
+    from vllm.v1.sample.logits_processor import BatchUpdateBuilder
+
+    from hapo_ops.integrations.vllm import AdaptiveTemperatureLogitsProcessor
+
+    slots = 4
+    processor = AdaptiveTemperatureLogitsProcessor(_vllm_config(slots), torch.device("cpu"),
+                                                   False)
+    start = _grown_state(processor.table)
+    builder = BatchUpdateBuilder()
+    batch: list = [None] * slots
+    for step in range(75):
+        for slot in range(slots):
+            n = step * slots + slot
+            extra = sampling_extra_args(_stats(n % 5) if n % 3 else None,
+                                        tau=-0.9 + 1.8 * (n % 97) / 96,
+                                        base_temperature=0.5 + n / 300,
+                                        variant=("paper", "released")[n % 2],
+                                        eps=10.0 ** -(3 + n % 6))
+            batch[slot] = vllm.SamplingParams(temperature=1.0, extra_args=extra)
+            if step:
+                builder.removed_append(slot)
+            builder.added.append((slot, batch[slot], None, []))
+        processor.update_state(builder.get_and_reset(slots))
+        logits = _random_logits(slots, 40, seed=step)
+        _assert_rows(processor.apply(logits.clone()), _expected_rows(logits, batch), batch)
+    assert _grown_state(processor.table) == start
+    assert tuple(processor.table.host.shape) == (slots, 7)
+
+
 def test_sampled_distribution_through_vllms_sampler():
     """Many draws at one position through vLLM's real V1 Sampler with the processor among
     its logits processors: the counts follow softmax(z/T_t) (chi-square) and not softmax(z);

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 
 from hapo_ops._utils.selection import CountReducer, kth_smallest
-from hapo_ops._utils.validation import (check_float, check_mask, check_same_device, check_tensor,
-                                  check_variant)
+from hapo_ops._utils.validation import (check_float, check_float_or_tensor, check_mask,
+                                        check_same_device, check_tensor, check_variant)
 from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum
 
 
@@ -54,10 +54,13 @@ def check_entropy_stats(name: str, stats: object) -> tuple:
     return stats
 
 
-def log_entropy(entropy: torch.Tensor, eps: float) -> torch.Tensor:
+def log_entropy(entropy: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """ℓ = ln(max(H, eps)) as float32: the statistics and ĥ both use exactly these values, so
-    the pivot token gets ĥ = 0 exactly whatever the entropy dtype."""
+    the pivot token gets ĥ = 0 exactly whatever the entropy dtype. ``eps``: a float or a
+    tensor broadcastable to ``entropy`` (one per token)."""
     dtype = torch.promote_types(entropy.dtype, torch.float32)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(dtype)
     return entropy.to(dtype).clamp_min(eps).log().to(torch.float32)
 
 
@@ -140,7 +143,7 @@ def _max_or_minus_inf(values: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: str = "paper",
-                       eps: float = 1e-8) -> torch.Tensor:
+                       eps: float | torch.Tensor = 1e-8) -> torch.Tensor:
     """ĥ ∈ [-1, 1] from each token's entropy and the batch statistics.
 
     ℓ = ln(max(H, eps)), m = pivot:
@@ -149,14 +152,18 @@ def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: s
       ℓ ≤ m, "released":     ĥ = (m - ℓ) / max(m - ℓ_min, eps)   ∈ [0, 1]
     (the public reference code's sign slip, kept for reproduction), then clamped to [-1, 1]
     since ``stats`` may come from another batch. ``stats``: an ``EntropyStats`` or a plain
-    tuple (pivot, log_max, log_min) of numbers or tensors (``check_entropy_stats``).
+    tuple (pivot, log_max, log_min) of numbers or tensors (``check_entropy_stats``), e.g.
+    one value per token. ``eps`` > 0: a float, or a tensor broadcastable to ``entropy``
+    (one per token, as the vLLM processor has one per request).
     """
     entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     variant = check_variant(variant)
-    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+    eps = check_float_or_tensor("eps", eps, entropy, min_inclusive=False)
     check_entropy_stats("stats", stats)
     ell = log_entropy(entropy, eps)
     pivot, log_max, log_min = (torch.as_tensor(s, device=ell.device).to(ell.dtype) for s in stats)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(ell.dtype)
     above = (ell - pivot) / (log_max - pivot).clamp_min(eps)
     below_gap = (ell - pivot) if variant == "paper" else (pivot - ell)
     below = below_gap / (pivot - log_min).clamp_min(eps)
