@@ -464,3 +464,29 @@ def test_one_rule_for_stats_in_adaptive_temperature_and_the_vllm_helper():
             adaptive_temperature(entropy, bad)
         with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
             sampling_extra_args(bad)
+
+
+def test_adaptive_temperature_takes_per_token_settings():
+    """tau, base_temperature and eps may be tensors (one per token, as the vLLM processor
+    has one per request): each token gets exactly the temperature of a call with its own
+    floats; out-of-range tensor values are refused on CPU naming the argument."""
+    g = torch.Generator().manual_seed(3)
+    entropy = torch.rand(6, generator=g) ** 3 * 4
+    stats = entropy_stats(torch.rand(50, generator=g) * 3, torch.ones(50))
+    tau = torch.tensor([-0.9, -0.2, 0.0, 0.1, 0.5, 0.95])
+    base = torch.tensor([0.3, 0.7, 1.0, 1.2, 2.0, 0.9])
+    eps = torch.tensor([1e-8, 1e-6, 1e-3, 0.5, 1e-8, 2.0])
+    for variant in ("paper", "released"):
+        got = adaptive_temperature(entropy, stats, tau=tau, base_temperature=base, eps=eps,
+                                   variant=variant)
+        for i in range(6):
+            want = adaptive_temperature(entropy[i:i + 1], stats, tau=float(tau[i]),
+                                        base_temperature=float(base[i]), eps=float(eps[i]),
+                                        variant=variant)
+            assert torch.equal(got[i:i + 1], want), (variant, i)
+    assert torch.equal(adaptive_temperature(entropy, None, base_temperature=base), base)
+    for name, kwargs in (("tau", dict(tau=tau.clone().fill_(1.0))),
+                         ("base_temperature", dict(base_temperature=base * 0)),
+                         ("eps", dict(eps=eps * 0))):
+        with pytest.raises(ValueError, match=name):
+            adaptive_temperature(entropy, stats, **kwargs)
