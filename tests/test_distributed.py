@@ -262,6 +262,17 @@ def test_distributed_argument_errors():
                                reduce_counts=lambda t: t)
     with pytest.raises(ValueError, match="mask"):
         hapo_ops.global_token_count([])
+    # a group that is not a ProcessGroup is refused by name before any collective
+    mask = torch.ones(2, 3)
+    for call in (lambda: hapo_ops.entropy_stats(torch.rand(2, 3), mask, group="world"),
+                 lambda: hapo_ops.global_token_count(mask, group="world"),
+                 lambda: hapo_ops.global_sequence_count(mask, group="world"),
+                 lambda: hapo_ops.grpo_advantages(torch.rand(2), torch.tensor([0, 0]),
+                                                  group="world"),
+                 lambda: hapo_ops.token_level_group_advantages(
+                     torch.rand(2), torch.tensor([0, 0]), mask, group="world")):
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            call()
 
 
 # ------------------------------------------------------------------------------ TP linear head

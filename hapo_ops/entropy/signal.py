@@ -14,7 +14,7 @@ import torch
 from hapo_ops._utils.selection import CountReducer, kth_smallest
 from hapo_ops._utils.validation import (check_float, check_float_or_tensor, check_mask,
                                         check_same_device, check_tensor, check_variant)
-from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum
+from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum, check_process_group
 
 
 class EntropyStats(NamedTuple):
@@ -100,6 +100,7 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     if group is not None:
         if reduce_counts is not None or reduce_extrema is not None:
             raise ValueError("pass either group or reduce_counts/reduce_extrema, not both")
+        group = check_process_group("group", group)
         reduce_counts = functools.partial(all_reduce_sum, group=group)
         reduce_extrema = functools.partial(all_reduce_max, group=group)
     # An empty batch is ordinary (a data-parallel rank with nothing to do): it gives the

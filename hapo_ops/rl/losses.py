@@ -14,7 +14,7 @@ import torch
 from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
-from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
 from hapo_ops.rl.advantages import check_beta, redistribution_scale
 
@@ -230,6 +230,7 @@ def global_token_count(mask: torch.Tensor | Sequence[torch.Tensor],
     A rank with no tokens (an empty mask) contributes 0 and still takes part in the
     all-reduce.
     """
+    group = check_process_group("group", group)
     return all_reduce_sum(_count(mask, lambda valid: valid.sum(dtype=torch.int64)), group)
 
 
@@ -237,6 +238,7 @@ def global_sequence_count(mask: torch.Tensor | Sequence[torch.Tensor],
                           group: ProcessGroup | None = None) -> torch.Tensor:
     """N_seq = Σ over ranks and micro-batches of the rows with a valid token (int64 0-d),
     the ``num_sequences`` of the sequence-mean modes of ``aggregate_loss``."""
+    group = check_process_group("group", group)
     return all_reduce_sum(_count(mask, lambda valid: valid.reshape(valid.shape[0], -1)
                                  .any(-1).sum(dtype=torch.int64)), group)
 
