@@ -440,3 +440,53 @@ def test_adaptive_temperature_dtype_does_not_depend_on_stats(dtype):
     with_stats = adaptive_temperature(entropy, stats)
     without = adaptive_temperature(entropy, None)
     assert with_stats.dtype == without.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_one_rule_for_stats_in_adaptive_temperature_and_the_vllm_helper():
+    """``stats`` is an EntropyStats or a plain tuple (pivot, log_max, log_min) of numbers or
+    tensors, in adaptive_temperature as in the vLLM helper (which needs no vLLM); a dict,
+    a list, a tuple of another length or with a non-number are refused by both, naming
+    stats."""
+    from hapo_ops import EntropyStats
+    from hapo_ops.integrations.vllm import parse_sampling_args, sampling_extra_args
+
+    entropy = torch.tensor([0.01, 0.3, 2.0])
+    given = EntropyStats(*torch.tensor([-1.0, 1.0, -4.0]))
+    want = adaptive_temperature(entropy, given, tau=0.3)
+    for stats in (given, tuple(given), (-1.0, 1.0, -4.0), (-1, 1, -4)):
+        torch.testing.assert_close(adaptive_temperature(entropy, stats, tau=0.3), want)
+        args = parse_sampling_args(sampling_extra_args(stats, tau=0.3))
+        torch.testing.assert_close(adaptive_temperature(entropy, args.stats(), tau=args.tau),
+                                   want)
+    for bad in (given._asdict(), list(given), (-1.0, 1.0), (-1.0, "1.0", -4.0),
+                (-1.0, True, -4.0), (-1.0, torch.tensor(1), -4.0)):
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            adaptive_temperature(entropy, bad)
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            sampling_extra_args(bad)
+
+
+def test_adaptive_temperature_takes_per_token_settings():
+    """tau, base_temperature and eps may be tensors (one per token, as the vLLM processor
+    has one per request): each token gets exactly the temperature of a call with its own
+    floats; out-of-range tensor values are refused on CPU naming the argument."""
+    g = torch.Generator().manual_seed(3)
+    entropy = torch.rand(6, generator=g) ** 3 * 4
+    stats = entropy_stats(torch.rand(50, generator=g) * 3, torch.ones(50))
+    tau = torch.tensor([-0.9, -0.2, 0.0, 0.1, 0.5, 0.95])
+    base = torch.tensor([0.3, 0.7, 1.0, 1.2, 2.0, 0.9])
+    eps = torch.tensor([1e-8, 1e-6, 1e-3, 0.5, 1e-8, 2.0])
+    for variant in ("paper", "released"):
+        got = adaptive_temperature(entropy, stats, tau=tau, base_temperature=base, eps=eps,
+                                   variant=variant)
+        for i in range(6):
+            want = adaptive_temperature(entropy[i:i + 1], stats, tau=float(tau[i]),
+                                        base_temperature=float(base[i]), eps=float(eps[i]),
+                                        variant=variant)
+            assert torch.equal(got[i:i + 1], want), (variant, i)
+    assert torch.equal(adaptive_temperature(entropy, None, base_temperature=base), base)
+    for name, kwargs in (("tau", dict(tau=tau.clone().fill_(1.0))),
+                         ("base_temperature", dict(base_temperature=base * 0)),
+                         ("eps", dict(eps=eps * 0))):
+        with pytest.raises(ValueError, match=name):
+            adaptive_temperature(entropy, stats, **kwargs)

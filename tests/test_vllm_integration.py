@@ -83,6 +83,8 @@ BASE = {"tau": 0.05, "base_temperature": 1.0, "variant": "paper", "eps": 1e-8}
     ({**BASE, "base_temperature": 0.0}, ValueError, r'\["base_temperature"\] must be > 0'),
     ({**BASE, "variant": "paper2"}, ValueError, r'\["variant"\] must be one of'),
     ({**BASE, "eps": -1.0}, ValueError, r'\["eps"\] must be > 0'),
+    ({**BASE, "eps": 0.0}, ValueError, r'\["eps"\] must be > 0, got 0.0'),
+    ({**BASE, "eps": 0}, ValueError, r'\["eps"\] must be > 0, got 0.0'),
     ({**BASE, "pivot": 0.0}, ValueError, r"all of \['pivot', 'log_max', 'log_min'\] or none"),
     ({**BASE, "pivot": 0.0, "log_max": math.nan, "log_min": -1.0}, ValueError, r'\["log_max"\] must be finite'),
     ({**BASE, "pivot": 2.0, "log_max": 1.0, "log_min": -1.0}, ValueError, "log_min <= pivot <= log_max"),
@@ -292,11 +294,15 @@ class TestV1Engine:
         extra = sampling_extra_args(None)
         cases = [(dict(temperature=0.7, extra_args=extra), "temperature must be 1.0"),
                  (dict(temperature=1.0, min_p=0.1, extra_args=extra), "min_p must be 0"),
-                 (dict(temperature=1.0, extra_args={"hapo": {"tau": 0.1}}), "missing keys")]
+                 (dict(temperature=1.0, extra_args={"hapo": {"tau": 0.1}}), "missing keys"),
+                 (dict(temperature=1.0, extra_args={"hapo": {**extra["hapo"], "eps": 0.0}}),
+                  r'\["eps"\] must be > 0'),
+                 (dict(temperature=1.0, extra_args={"hapo": {**extra["hapo"], "tau": "big"}}),
+                  r'\["tau"\] must be a float, got str')]
         from vllm.exceptions import VLLMValidationError  # what vLLM turns a ValueError into
 
         for kwargs, message in cases:
-            with pytest.raises((ValueError, VLLMValidationError), match=message):
+            with pytest.raises((ValueError, TypeError, VLLMValidationError), match=message):
                 llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                              vllm.SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
 
@@ -407,6 +413,46 @@ def test_v1_batch_updates_from_vllms_builder_keep_each_requests_parameters():
             _assert_rows(processor.apply(logits.clone()), want, batch)
 
     run()
+
+
+def _grown_state(table) -> int:
+    """How many entries the processor table's containers hold (lists, dicts, sets)."""
+    return sum(len(v) for v in vars(table).values() if isinstance(v, (list, dict, set)))
+
+
+def test_v1_state_is_bounded_whatever_the_distinct_settings():
+    """300 requests, each with its own (tau, base_temperature, eps, variant), pass through 4
+    slots: every row gets its own request's temperature, and the processor's state does not
+    grow with the distinct settings it has seen (a fixed per-slot table, no table of
+    settings)."""
+    vllm = _vllm()
+    from vllm.v1.sample.logits_processor import BatchUpdateBuilder
+
+    from hapo_ops.integrations.vllm import AdaptiveTemperatureLogitsProcessor
+
+    slots = 4
+    processor = AdaptiveTemperatureLogitsProcessor(_vllm_config(slots), torch.device("cpu"),
+                                                   False)
+    start = _grown_state(processor.table)
+    builder = BatchUpdateBuilder()
+    batch: list = [None] * slots
+    for step in range(75):
+        for slot in range(slots):
+            n = step * slots + slot
+            extra = sampling_extra_args(_stats(n % 5) if n % 3 else None,
+                                        tau=-0.9 + 1.8 * (n % 97) / 96,
+                                        base_temperature=0.5 + n / 300,
+                                        variant=("paper", "released")[n % 2],
+                                        eps=10.0 ** -(3 + n % 6))
+            batch[slot] = vllm.SamplingParams(temperature=1.0, extra_args=extra)
+            if step:
+                builder.removed_append(slot)
+            builder.added.append((slot, batch[slot], None, []))
+        processor.update_state(builder.get_and_reset(slots))
+        logits = _random_logits(slots, 40, seed=step)
+        _assert_rows(processor.apply(logits.clone()), _expected_rows(logits, batch), batch)
+    assert _grown_state(processor.table) == start
+    assert tuple(processor.table.host.shape) == (slots, 7)
 
 
 def test_sampled_distribution_through_vllms_sampler():
@@ -547,3 +593,18 @@ def test_validate_params_refusals():
                 extra_args={"hapo": {**extra["hapo"], "variant": "x"}}))
         with pytest.raises(ValueError, match=r'extra_args\["hapo"\] is a str but not valid JSON'):
             cls.validate_params(vllm.SamplingParams(extra_args={"hapo": "{tau"}))
+        # eps = 0 is refused at admission, not inside the engine step (dict and JSON forms)
+        for entry in ({**extra["hapo"], "eps": 0.0}, json.dumps({**extra["hapo"], "eps": 0})):
+            with pytest.raises(ValueError, match=r'extra_args\["hapo"\]\["eps"\] must be > 0'):
+                cls.validate_params(vllm.SamplingParams(temperature=1.0,
+                                                        extra_args={"hapo": entry}))
+        # every key present, one of a bad type: the bad value is named, not "missing keys"
+        for key in ("tau", "base_temperature", "eps", "pivot", "log_max", "log_min"):
+            for entry in ({**extra["hapo"], key: "big"}, json.dumps({**extra["hapo"], key: "big"})):
+                with pytest.raises(TypeError, match=rf'extra_args\["hapo"\]\["{key}"\] must be '
+                                                    r"a float, got str"):
+                    cls.validate_params(vllm.SamplingParams(temperature=1.0,
+                                                            extra_args={"hapo": entry}))
+        with pytest.raises(ValueError, match=r'extra_args\["hapo"\]\["variant"\] must be one of'):
+            cls.validate_params(vllm.SamplingParams(
+                temperature=1.0, extra_args={"hapo": {**extra["hapo"], "variant": 3}}))
