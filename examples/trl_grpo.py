@@ -3,7 +3,7 @@
 ``HAPOGRPOConfig`` is TRL's ``GRPOConfig`` plus the ``hapo_*`` fields (README, "TRL"): every
 token is sampled at its adaptive temperature, the advantages are token-level group averages,
 and the loss is HAPO's (adaptive clipping, advantage redistribution, dual clip). Runs on a
-CPU in about a minute with a tiny random model built offline (tiny_model.py):
+CPU in under a minute with a tiny random model built offline (tiny_model.py):
 
     python examples/trl_grpo.py
 

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     # already keeps its own values.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # 1 GiB of KV cache (the default is a share of RAM)
-    os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # no inductor compilation, no warm-up: a quick start
+    os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # no inductor compilation, no warm-up: a quicker start
 
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

@@ -4,8 +4,8 @@ The logits processor divides each row of a request that carries ``extra_args["ha
 T_t = T_base·(1 + τ·ĥ_t); with ``logprobs_mode="processed_logprobs"`` vLLM returns each
 sampled token's log-prob under softmax(z/T_t): the behaviour log-prob. vLLM does not return
 T_t; the trainer recomputes it from its own logits with the statistics it sent. Runs on a CPU
-with a tiny random model built offline (tiny_model.py), in about a minute (most of it
-vLLM's start):
+with a tiny random model built offline (tiny_model.py), in a minute or two (most of it
+vLLM's start and its first trace of the model):
 
     python examples/vllm_generate.py
 
@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     # already keeps its own values.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # 1 GiB of KV cache (the default is a share of RAM)
-    os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # no inductor compilation, no warm-up: a quick start
+    os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # no inductor compilation, no warm-up: a quicker start
 
 import hapo_ops  # noqa: E402
 from tiny_model import char_tokenizer, last_batch_stats, save_pretrained, tiny_llama  # noqa: E402
