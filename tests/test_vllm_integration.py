@@ -78,6 +78,7 @@ BASE = {"tau": 0.05, "base_temperature": 1.0, "variant": "paper", "eps": 1e-8}
     ({**BASE, "tua": 0.1}, ValueError, r"unknown keys \['tua'\]"),
     ({k: v for k, v in BASE.items() if k != "eps"}, ValueError, r"missing keys \['eps'\]"),
     ({**BASE, "tau": 1.0}, ValueError, r'\["tau"\] must be in \(-1, 1\)'),
+    ({**BASE, "tau": -(1.0 - 1e-9)}, ValueError, r'\["tau"\] must be in \(-1, 1\)'),  # -1 in float32
     ({**BASE, "tau": "0.1"}, TypeError, r'\["tau"\] must be a float'),
     ({**BASE, "tau": True}, TypeError, r'\["tau"\] must be a float'),
     ({**BASE, "base_temperature": 0.0}, ValueError, r'\["base_temperature"\] must be > 0'),

@@ -7,6 +7,7 @@ expected. None of them reads tensor values (no host sync) unless its name says s
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
@@ -82,6 +83,20 @@ def check_float(name: str, value: object, *, min_value: float | None = None,
     if max_value is not None and (value > max_value or (not max_inclusive and value == max_value)):
         op = "<=" if max_inclusive else "<"
         raise ValueError(f"{name} must be {op} {max_value}, got {value}")
+    return value
+
+
+def check_tau(name: str, value: object) -> float:
+    """The strength τ of the adaptive temperature T = T_base·(1 + τ·ĥ), ĥ ∈ [-1, 1].
+
+    |τ| < 1 keeps T > 0 at every token, and T is computed in float32, so |τ| must stay
+    below 1 after rounding to float32 too (a τ within 3e-8 of ±1 rounds to ±1 and would
+    give T = 0). τ < 0 is allowed: it inverts the adaptation.
+    """
+    value = check_float(name, value)
+    if not (abs(value) < 1.0 and abs(struct.unpack("f", struct.pack("f", value))[0]) < 1.0):
+        raise ValueError(f"{name} must be in (-1, 1) so that T > 0 (|tau| < 1 also in "
+                         f"float32), got {value!r}")
     return value
 
 

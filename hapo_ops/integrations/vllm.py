@@ -12,11 +12,13 @@ log-prob the trainer needs::
 
     llm = LLM(model, logprobs_mode="processed_logprobs",
               logits_processors=["hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor"])
-    params = SamplingParams(temperature=1.0, logprobs=0,
+    params = SamplingParams(temperature=1.0, logprobs=0, max_tokens=16,
                             extra_args=sampling_extra_args(stats, tau=0.05, base_temperature=1.0))
+    outputs = llm.generate(prompts, params)
 
-Requests without a ``"hapo"`` entry in ``extra_args`` (and greedy ones) are left untouched.
-The engine's own ``temperature`` must be 1 (the processor applies T_base) and ``min_p`` 0.
+(``examples/vllm_generate.py`` runs this end to end on a CPU with a tiny model.) Requests
+without a ``"hapo"`` entry in ``extra_args`` (and greedy ones) are left untouched. The
+engine's own ``temperature`` must be 1 (the processor applies T_base) and ``min_p`` 0.
 
 vLLM does not return T_t; the trainer recomputes it from its own logits with the same
 statistics, ``adaptive_temperature(token_entropy(logits), stats, ...)``, and scores the old
@@ -35,7 +37,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from hapo_ops._utils.validation import VARIANTS
+from hapo_ops._utils.validation import VARIANTS, check_tau
 from hapo_ops.entropy.signal import EntropyStats, check_entropy_stats
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy
@@ -106,7 +108,8 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
         a dict is refused), or None (the first step: T = T_base everywhere). Statistics of a batch without valid
         tokens (pivot 0, log_max +inf, log_min -inf) make ĥ = 0 everywhere and are sent as
         no statistics.
-      tau: temperature strength τ, |τ| < 1.
+      tau: temperature strength τ, |τ| < 1 (T > 0); τ < 0 inverts the adaptation
+        (high-entropy tokens sample cooler), as in ``adaptive_temperature``.
       base_temperature: T_base > 0 (the engine's own temperature stays 1).
       variant: "paper" or "released" (see ``normalized_entropy``).
       eps: the floor of H inside ln(max(H, eps)) and of the denominators; use the ``eps``
@@ -177,9 +180,7 @@ def parse_sampling_args(extra_args: Mapping[str, Any] | None) -> SamplingArgs | 
             raise ValueError(f'{name}["{key}"] must be finite, got {value}')
         return value
 
-    tau = number("tau")
-    if not -1.0 < tau < 1.0:
-        raise ValueError(f'{name}["tau"] must be in (-1, 1) so that T > 0, got {tau}')
+    tau = check_tau(f'{name}["tau"]', number("tau"))
     base_temperature = number("base_temperature")
     if base_temperature <= 0.0:
         raise ValueError(f'{name}["base_temperature"] must be > 0, got {base_temperature}')
@@ -342,7 +343,7 @@ class _TemperatureTable:
 def _require_vllm(base: type, name: str) -> None:
     if base is object:
         raise ImportError(f"{name} needs vLLM's logits-processor interface: "
-                          f"pip install 'hapo-ops[vllm]'")
+                          f"pip install -e '.[vllm]' in a clone (on a CPU: the README's vLLM on a CPU)")
 
 
 class AdaptiveTemperatureLogitsProcessor(V1LogitsProcessor):
