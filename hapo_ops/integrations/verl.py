@@ -30,6 +30,7 @@ here is logged at ERROR level before it propagates, so a broken install is visib
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
@@ -419,6 +420,11 @@ def register() -> None:
     if os.environ.get("VERL_ENGINE_VENDOR", "") == "hapo":
         # this process builds its language-model engine from the vendor key "hapo"
         from hapo_ops.integrations import verl_engine  # noqa: F401  (registers the engine)
+
+        if importlib.util.find_spec("megatron") is not None and (
+                importlib.util.find_spec("megatron.core") is not None):
+            # and its Megatron engine, where megatron-core is installed
+            from hapo_ops.integrations import verl_megatron  # noqa: F401
 
 
 register()
