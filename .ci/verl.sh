@@ -27,4 +27,4 @@ python -m pip install -q -c "$constraints" \
 # triton is not needed on CPU.
 python -m pip install -q --no-deps -e .
 
-python -m pytest -q -p no:cacheprovider tests/test_verl_integration.py
+python -m pytest -q -p no:cacheprovider tests/test_verl_integration.py tests/test_verl_ray.py

@@ -186,9 +186,30 @@ def test_hapo_policy_loss_is_the_composition_of_the_public_ops(variant, dtype):
     kw.update(eps_low=eps_low, eps_high=eps_high)
     want, want_grad = _run(clipped_policy_loss, lp, old, redistributed, mask, **kw)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    for field in want._fields:
+    for field in want._fields[:-1]:
         torch.testing.assert_close(getattr(got, field), getattr(want, field), **tol, msg=field)
     torch.testing.assert_close(got_grad, want_grad, **tol)
+    # the ĥ it used is returned (bit for bit that of step 1, 0 off the mask); a loss without
+    # ĥ returns zeros
+    assert got._fields[-1] == "h_hat"
+    assert not got.h_hat.requires_grad and got.h_hat.dtype == got.per_token.dtype
+    torch.testing.assert_close(got.h_hat, h_hat, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(want.h_hat, torch.zeros_like(want.per_token), rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_every_loss_returns_h_hat_shaped_like_per_token(name, dtype):
+    """The last field ``h_hat``: for the HAPO loss the ĥ it used (float32 for 16-bit inputs,
+    0 off the mask, nonzero somewhere on it), for every other loss a zero tensor shaped like
+    ``per_token``; detached either way."""
+    lp, old, adv, mask = _batch(12, 4, 6, dtype=dtype)
+    out, _ = _run(LOSSES[name], lp, old, adv, mask)
+    assert out._fields[-1] == "h_hat"
+    assert out.h_hat.shape == out.per_token.shape and out.h_hat.dtype == out.per_token.dtype
+    assert not out.h_hat.requires_grad
+    assert not out.h_hat[~mask].any()
+    assert bool(out.h_hat[mask].any()) == (name == "hapo")
 
 
 # --------------------------------------------------------------------------- denominators

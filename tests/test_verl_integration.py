@@ -8,6 +8,7 @@ The batches are built the way verl's trainer builds them: a padded ``DataProto``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -43,10 +44,10 @@ def test_import_verl_alone_registers_the_estimators_and_the_loss():
             "fns += [engine_workers.ppo_loss, distillation.ppo_loss]\n"
             "print(' '.join(f.__module__ + '.' + f.__name__ for f in fns))\n")
     assert _fresh_python(code) == [
-        "hapo_ops.integrations.verl.compute_hapo_tlga_advantage",
-        "hapo_ops.integrations.verl.compute_hapo_tlga_released_advantage",
-        "hapo_ops.integrations.verl.dispatch_ppo_loss",
-        "hapo_ops.integrations.verl.dispatch_ppo_loss"]
+        "hapo_ops.integrations.verl.loss.compute_hapo_tlga_advantage",
+        "hapo_ops.integrations.verl.loss.compute_hapo_tlga_released_advantage",
+        "hapo_ops.integrations.verl.loss.dispatch_ppo_loss",
+        "hapo_ops.integrations.verl.loss.dispatch_ppo_loss"]
 
 
 def test_engine_vendor_hapo_registers_the_engine_at_import_verl():
@@ -57,7 +58,7 @@ def test_engine_vendor_hapo_registers_the_engine_at_import_verl():
             "cls = EngineRegistry._engines['language_model']['fsdp2'][('cuda', 'hapo')]\n"
             "print(cls.__module__ + '.' + cls.__name__)\n")
     assert _fresh_python(code, VERL_ENGINE_VENDOR="hapo") == [
-        "hapo_ops.integrations.verl_engine.HAPOFSDPEngineWithLMHead"]
+        "hapo_ops.integrations.verl.engine.HAPOFSDPEngineWithLMHead"]
 
 
 def test_building_the_config_installs_the_loss_without_the_plugin():
@@ -81,7 +82,9 @@ def test_a_failing_registration_is_logged_as_an_error(monkeypatch, caplog):
     def broken():
         raise RuntimeError("registry changed")
 
-    monkeypatch.setattr(hapo_verl, "register_advantage_estimators", broken)
+    from hapo_ops.integrations.verl import loss
+
+    monkeypatch.setattr(loss, "register_advantage_estimators", broken)
     with caplog.at_level("DEBUG"), pytest.raises(RuntimeError, match="registry changed"):
         hapo_verl.register()
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
@@ -187,7 +190,7 @@ DOCUMENTED_OVERRIDES = [
 DOCUMENTED_ENGINE_AND_ROLLOUT = [
     "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_ENGINE_VENDOR=hapo",
     "+actor_rollout_ref.rollout.agent.agent_loop_manager_class="
-    "hapo_ops.integrations.verl_rollout.HAPOAgentLoopManager",
+    "hapo_ops.integrations.verl.rollout.HAPOAgentLoopManager",
     "actor_rollout_ref.rollout.agent.agent_loop_config_path=hapo_agent_loops.yaml",
     "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn_agent",
     "+actor_rollout_ref.rollout.engine_kwargs.vllm.logits_processors="
@@ -262,7 +265,7 @@ def test_documented_config_builds_verls_own_trainer(mode):
 
     runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.runtime_env)
     assert runtime_env.env_vars.VERL_ENGINE_VENDOR == "hapo"
-    from hapo_ops.integrations import verl_rollout
+    from hapo_ops.integrations.verl import rollout as verl_rollout
 
     manager = load_class_from_fqn(cfg.actor_rollout_ref.rollout.agent.agent_loop_manager_class,
                                   "AgentLoopManager")
@@ -327,6 +330,8 @@ def _install_cpu_platform():
                 return lambda *a, **k: 0
             if name == "get_device_name":
                 return lambda *a, **k: "CPU"
+            if name in ("get_rng_state", "set_rng_state"):  # verl's checkpoint keeps the RNG
+                return getattr(torch, name)
             return getattr(torch.cpu, name)
 
     class PlatformCPU(PlatformBase):
@@ -365,7 +370,7 @@ def _register_engines_for_cpu():
     from verl.workers.engine.fsdp import transformer_impl
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     transformer_impl.device_name = "cpu"  # read from the platform when verl was imported
     registry = EngineRegistry._engines["language_model"]
@@ -693,7 +698,7 @@ def _reference_h_hat(entropy, pivot, log_max, log_min, eps=1e-8):
 def _stats_rows(reference, base_temperature, tau):
     """Per-sample statistics around the reference's log-entropies (so ĥ spreads over
     [-1, 1]); sample 0 has none (T = T_base)."""
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     ell = torch.cat([torch.log(-(z.softmax(-1) * z.log_softmax(-1)).sum(-1)) for z, _ in reference])
     lo, hi = ell.min().item(), ell.max().item()
@@ -707,7 +712,7 @@ def _stats_rows(reference, base_temperature, tau):
 
 def _check_against_reference(out, reference, rows):
     """log-probs at T_t, the T = 1 entropy and T_t equal the float64 reference (≤ 1e-5)."""
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     for i, (z, labels) in enumerate(reference):
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
@@ -730,13 +735,46 @@ def _infer(worker, td, **extra):
     return worker.actor.infer_batch(td)
 
 
-@pytest.mark.parametrize("static_pad", [False, True])
-def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, static_pad):
+def _as_transfer_queue_returns(rows):
+    """A (batch, K) column as TransferQueue hands it back: stored sample by sample, then
+    packed by its storage manager (a jagged nested tensor, whatever the rows' lengths)."""
+    from transfer_queue.storage.managers.simple_storage_manager import AsyncSimpleStorageManager
+
+    return AsyncSimpleStorageManager._pack_field_values(list(rows.unbind()))
+
+
+def test_stats_rows_come_back_dense_from_transfer_queues_nested_column():
+    """The per-sample row comes back through TransferQueue as a nested (batch, j) tensor;
+    the engine reads it as the dense (batch, 10) rows it was, and refuses ragged rows."""
+    from hapo_ops.integrations.verl import engine as verl_engine
+
+    rows = torch.stack([verl_engine.rollout_stats_row(None, base_temperature=0.7, tau=0.2),
+                        verl_engine.rollout_stats_row((0.5, 1.0, -2.0), base_temperature=0.7,
+                                                      tau=0.2, variant="released")] * 4)
+    packed = _as_transfer_queue_returns(rows)
+    assert packed.is_nested and packed.layout == torch.jagged
+    torch.testing.assert_close(verl_engine.dense_stats_rows(packed), rows, rtol=0, atol=0)
+    strided = torch.nested.as_nested_tensor(list(rows.unbind()), layout=torch.strided)
+    torch.testing.assert_close(verl_engine.dense_stats_rows(strided), rows, rtol=0, atol=0)
+    torch.testing.assert_close(verl_engine.dense_stats_rows(rows.double()), rows, rtol=0, atol=0)
+    ragged = torch.nested.as_nested_tensor([rows[0], rows[1, :7]], layout=torch.jagged)
+    with pytest.raises(ValueError, match="hapo_rollout_stats must hold 10 values"):
+        verl_engine.dense_stats_rows(ragged)
+    with pytest.raises(ValueError, match=r"shape \(batch, 10\)"):
+        verl_engine.dense_stats_rows(rows[:, :7])
+    with pytest.raises(TypeError, match="hapo_rollout_stats must be a tensor"):
+        verl_engine.dense_stats_rows(rows.tolist())
+
+
+@pytest.mark.parametrize("static_pad,transfer_queue", [(False, False), (True, False), (False, True)])
+def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, static_pad,
+                                                      transfer_queue):
     """VERL_ENGINE_VENDOR=hapo makes verl's own worker build HAPO's engine; on a tiny random
     Qwen2 (fp32, eager attention) its log-probs at the per-token temperatures, the T = 1
     entropy and T_t equal an independent transformers reference, with and without verl's
-    static packed padding."""
-    from hapo_ops.integrations import verl_engine
+    static packed padding, and with the statistics column as TransferQueue returns it
+    (nested)."""
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
     worker = _actor_worker(verl_on_cpu, FP32_ENGINE + (STATIC_PAD if static_pad else []))
@@ -746,7 +784,7 @@ def test_hapo_engine_against_an_independent_reference(verl_on_cpu, monkeypatch, 
     td = _update_batch(seed=3)
     reference = _reference_logits(verl_on_cpu, td["input_ids"])
     rows = _stats_rows(reference, base_temperature=0.9, tau=0.3)
-    td[verl_engine.ROLLOUT_STATS_KEY] = rows
+    td[verl_engine.ROLLOUT_STATS_KEY] = _as_transfer_queue_returns(rows) if transfer_queue else rows
     out = _infer(worker, td, temperature=0.9)
     _check_against_reference(out, reference, rows)
     # the statistics of this batch's T = 1 entropies (response tokens), for the next rollout
@@ -764,7 +802,7 @@ def test_hapo_engine_update_right_after_old_log_probs_has_ratio_one(verl_on_cpu,
     reference model) use it, so an update right after has ratio exactly 1."""
     from verl.workers.utils.padding import no_padding_2_padding
 
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
     worker = _actor_worker(verl_on_cpu, FP32_ENGINE)
@@ -848,7 +886,7 @@ def _sp_rank_main(model_path, sp_size, out_path, stats_path):
     sp_size = int(sp_size)
     import torch.distributed as dist
 
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     dist.init_process_group("gloo")
     _install_cpu_platform()
@@ -907,7 +945,7 @@ def test_hapo_engine_ulysses_sp2_equals_sp1(verl_on_cpu, tmp_path):
 
 AGENT_LOOP_YAML = """\
 - name: hapo_single_turn_agent
-  _target_: hapo_ops.integrations.verl_rollout.HAPOSingleTurnAgentLoop
+  _target_: hapo_ops.integrations.verl.rollout.HAPOSingleTurnAgentLoop
 """
 ROLLOUT_OVERRIDES = [
     "actor_rollout_ref.rollout.temperature=0.9",
@@ -968,26 +1006,31 @@ def test_agent_loop_puts_the_statistics_into_extra_args(verl_on_cpu, tmp_path):
 
     from tensordict import NonTensorData
 
-    from hapo_ops.integrations import verl_engine, verl_rollout
+    from hapo_ops.integrations.verl import engine as verl_engine, rollout as verl_rollout
+    from hapo_ops.integrations.verl.board import PublishedStats
+    from hapo_ops.integrations.verl.settings import RolloutSettings, rollout_settings
+    from hapo_ops.integrations.verl.wire import column
     from hapo_ops.integrations.vllm import check_sampling_params, parse_sampling_args
 
     server = _RecordingLLMServer()
     cfg, loop = _agent_loop(verl_on_cpu, tmp_path, server)
     run = asyncio.get_event_loop().run_until_complete
     assert isinstance(loop, verl_rollout.HAPOSingleTurnAgentLoop)
-    settings = verl_rollout.hapo_settings(cfg)
-    assert settings == {"tau": 0.2, "variant": "released", "eps": 1e-8, "quantile": 0.8,
-                        "base_temperature": 0.9}
+    settings = rollout_settings(cfg)
+    assert settings == RolloutSettings(tau=0.2, base_temperature=0.9, variant="released",
+                                       eps=1e-8, quantile=0.8)
     stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
     from verl.utils import tensordict_utils as tu
 
-    prompts = tu.get_tensordict({"input_ids": torch.zeros(3, 2)}, non_tensor_dict={"uid": ["a", "b", "c"]})
-    verl_rollout.attach_rollout_stats(prompts, stats, settings)
+    prompts = tu.get_tensordict({"input_ids": torch.zeros(3, 2)},
+                                non_tensor_dict={"uid": ["a", "b", "c"], "global_steps": 3})
+    verl_rollout.attach_rollout_stats(prompts, PublishedStats(stats, 2), settings)
     # AgentLoopWorkerTQ.generate_sequences: a NonTensorData entry goes to every sample as .data
     (chunk, _) = prompts.chunk(2)
     entry = chunk.get(verl_engine.ROLLOUT_STATS_KEY)
     assert isinstance(entry, NonTensorData)
     row = entry.data
+    assert (float(column(row, "step")), float(column(row, "stats_step"))) == (3.0, 2.0)
     sampling = {"temperature": 0.9, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
                 "logprobs": True}
     out = run(loop.run(dict(sampling), raw_prompt=[{"role": "user", "content": "t5 t6"}],
@@ -1030,16 +1073,20 @@ def importlib_util_find_spec(name):
     return importlib.util.find_spec(name)
 
 
-def test_statistics_board_without_ray_is_a_no_op():
-    from hapo_ops.integrations import verl_rollout
+def test_publishing_without_a_board_raises():
+    """No Ray job (or no HAPO agent-loop manager): publishing raises, naming the manager's
+    configuration line, instead of returning quietly; reading finds nothing."""
+    from hapo_ops.integrations.verl import board
 
     import ray
 
     if ray.is_initialized():
         pytest.skip("a Ray session is running")
     stats = hapo_ops.EntropyStats(torch.tensor(0.5), torch.tensor(1.5), torch.tensor(-2.0))
-    assert verl_rollout.publish_entropy_stats(stats) is False
-    assert verl_rollout.latest_entropy_stats() is None
+    with pytest.raises(RuntimeError, match="agent_loop_manager_class=hapo_ops.integrations.verl."
+                                           "rollout.HAPOAgentLoopManager"):
+        board.publish_entropy_stats(stats, step=1)
+    assert board.latest_entropy_stats() is None
 
 
 def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
@@ -1048,7 +1095,7 @@ def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine import EngineRegistry
 
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
@@ -1061,3 +1108,171 @@ def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
         td = tu.get_tensordict({"input_ids": torch.zeros(2, 3)}, non_tensor_dict=flags)
         with pytest.raises(NotImplementedError, match=match):
             verl_engine.HAPOFSDPEngineWithLMHead.prepare_model_inputs(None, td)
+
+
+# ----------------------------------------------------------------------------- checks and metrics
+
+
+def test_variant_of_code_refuses_unknown_codes():
+    from hapo_ops.integrations.verl import wire
+
+    assert [wire.variant_of_code(c) for c in (0.0, 1.0)] == ["paper", "released"]
+    for code in (2.0, -1.0, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="variant code must be one of"):
+            wire.variant_of_code(code)
+
+
+def test_hapo_beta_outside_zero_one_is_refused_by_name():
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="hapo_beta"):
+            hapo_verl.HAPOPolicyLossConfig(hapo_beta=beta)
+    from hydra.errors import InstantiationException
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = _compose(DOCUMENTED_OVERRIDES + ["+actor_rollout_ref.actor.policy_loss.hapo_beta=2.0"])
+    # as verl builds the actor's config (hydra wraps the ValueError)
+    with pytest.raises(InstantiationException, match=r"hapo_beta must be <= 1.0, got 2.0"):
+        omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert hapo_verl.HAPOPolicyLossConfig(hapo_beta=0.0).hapo_beta == 0.0
+    assert hapo_verl.HAPOPolicyLossConfig(hapo_beta=1.0).hapo_beta == 1.0
+
+
+def test_row_settings_are_read_once_and_must_agree():
+    from hapo_ops.integrations.verl import wire
+    from hapo_ops.integrations.verl.settings import RolloutSettings
+
+    settings = RolloutSettings(tau=0.3, base_temperature=0.8, variant="released", eps=1e-6,
+                               quantile=0.7)
+    rows = torch.stack([wire.encode_row(None, settings, step=4),
+                        wire.encode_row((0.1, 1.0, -1.0), settings, step=4, stats_step=3)])
+    got = wire.row_settings(rows)
+    assert got.variant == "released" and got.tau == pytest.approx(0.3)
+    assert got.base_temperature == pytest.approx(0.8) and got.quantile == pytest.approx(0.7)
+    assert wire.has_stats(rows).tolist() == [False, True]
+    other = wire.encode_row(None, settings._replace(tau=0.1), step=4)
+    with pytest.raises(ValueError, match="tau must be the same"):
+        wire.row_settings(torch.stack([rows[0], other]))
+
+
+def test_rollout_metrics_of_a_batch():
+    """min / mean / max of T_t over the response tokens only; has_stats the share of samples
+    with statistics; stats_age their step minus the statistics' step, -1 when none had any."""
+    from hapo_ops.integrations.verl import rollout, wire
+    from hapo_ops.integrations.verl.settings import RolloutSettings
+
+    settings = RolloutSettings(tau=0.5, base_temperature=1.0, variant="paper", eps=1e-8, quantile=0.8)
+    with_stats = wire.encode_row((0.1, 1.0, -1.0), settings, step=5, stats_step=4)
+    without = wire.encode_row(None, settings, step=1)
+    temperature = torch.tensor([[0.6, 1.4, 9.0], [1.0, 0.9, 9.0]])  # 9.0: off the response
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    nested = _as_transfer_queue_returns(torch.stack([with_stats, with_stats]))
+    got = rollout.rollout_metrics(nested, temperature, mask)
+    assert got["rollout/hapo/temperature_min"] == pytest.approx(0.6)
+    assert got["rollout/hapo/temperature_max"] == pytest.approx(1.4)
+    assert got["rollout/hapo/temperature_mean"] == pytest.approx(0.975)
+    assert got["rollout/hapo/has_stats"] == 1.0 and got["rollout/hapo/stats_age"] == 1.0
+    jagged = torch.nested.as_nested_tensor([temperature[0, :2], temperature[1, :2]], layout=torch.jagged)
+    jagged_mask = torch.nested.as_nested_tensor([mask[0, :2], mask[1, :2]], layout=torch.jagged)
+    assert rollout.rollout_metrics(nested, jagged, jagged_mask) == got
+    first = rollout.rollout_metrics(torch.stack([without, without]))
+    assert first == {"rollout/hapo/has_stats": 0.0, "rollout/hapo/stats_age": rollout.NO_STATS_AGE}
+
+
+def test_manager_refuses_a_rollout_without_the_hapo_processor_or_engine(monkeypatch):
+    from hapo_ops.integrations.verl import rollout
+
+    monkeypatch.delenv("VERL_ENGINE_VENDOR", raising=False)
+    rollout.check_rollout_config(_compose(DOCUMENTED_OVERRIDES + DOCUMENTED_ENGINE_AND_ROLLOUT))
+    no_processor = [o for o in DOCUMENTED_ENGINE_AND_ROLLOUT if "logits_processors" not in o]
+    with pytest.raises(ValueError, match=re.escape(rollout.PROCESSOR_LINE)):
+        rollout.check_rollout_config(_compose(DOCUMENTED_OVERRIDES + no_processor))
+    no_engine = [o for o in DOCUMENTED_ENGINE_AND_ROLLOUT if "VERL_ENGINE_VENDOR" not in o]
+    with pytest.raises(ValueError, match=re.escape(rollout.ENGINE_LINE)):
+        rollout.check_rollout_config(_compose(DOCUMENTED_OVERRIDES + no_engine))
+    with pytest.raises(ValueError, match="rollout.name=vllm"):
+        rollout.check_rollout_config(_compose(DOCUMENTED_OVERRIDES + DOCUMENTED_ENGINE_AND_ROLLOUT
+                                              + ["actor_rollout_ref.rollout.name=sglang"]))
+
+
+def _pooled_loss_rank(rank, world):
+    """One rank of a data-parallel hapo_loss: its own micro-batch, verl's dispatcher with the
+    data-parallel group, as verl's actor worker calls it."""
+    import torch.distributed as dist
+
+    _, micro_batches = _actor_batch(seed=rank, dp_size=world, micro_batch_size=12)
+    w, u = _leaves(3 + 4 * rank)
+    config = _actor_config(hapo_stats_scope="dp", hapo_quantile=0.6)
+    mb = micro_batches[0]
+    output = _model_output(mb, w, u)
+    loss, metrics = hapo_verl.dispatch_ppo_loss(config, output, mb, dp_group=dist.group.WORLD)
+    from verl.workers.utils.padding import no_padding_2_padding
+    entropy = no_padding_2_padding(output["entropy"], mb).detach()
+    mask = mb.select("response_mask").to_padded_tensor()["response_mask"].bool()
+    return {"pivot": metrics["actor/hapo/pivot"].values[0], "loss": loss.item(),
+            "entropy": entropy[mask]}
+
+
+def test_hapo_loss_pools_the_statistics_over_two_data_parallel_ranks():
+    """Two gloo ranks, each with its own micro-batch: with hapo_stats_scope="dp" the pivot
+    (actor/hapo/pivot) is that of both ranks' tokens together, the same on both ranks, and
+    not either rank's own."""
+    from distributed_harness import run_ranks
+
+    results = run_ranks(_pooled_loss_rank, 2)
+    pooled = torch.cat([r["entropy"] for r in results])
+    expected = hapo_ops.entropy_stats(pooled, torch.ones_like(pooled, dtype=torch.bool), quantile=0.6)
+    for r in results:
+        assert r["pivot"] == pytest.approx(expected.pivot.item(), rel=1e-6)
+        local = hapo_ops.entropy_stats(r["entropy"], torch.ones_like(r["entropy"], dtype=torch.bool),
+                                       quantile=0.6)
+        assert abs(local.pivot.item() - expected.pivot.item()) > 1e-3
+
+
+def test_hapo_engine_entropy_bonus_has_verls_gradient(verl_on_cpu, monkeypatch):
+    """entropy_coeff > 0 with zero advantages: the gradient is the entropy bonus's alone, and
+    under HAPO's engine it equals the one under verl's own engine (a detached entropy output
+    would give none)."""
+    from hapo_ops.integrations.verl import engine as verl_engine
+
+    def grad_norm(vendor):
+        if vendor:
+            monkeypatch.setenv("VERL_ENGINE_VENDOR", vendor)
+        else:
+            monkeypatch.delenv("VERL_ENGINE_VENDOR", raising=False)
+        worker = _actor_worker(verl_on_cpu, FP32_ENGINE + ["actor_rollout_ref.actor.entropy_coeff=0.5"])
+        assert (type(worker.actor.engine) is verl_engine.HAPOFSDPEngineWithLMHead) == bool(vendor)
+        td = _update_batch(seed=6)
+        td["advantages"] = torch.zeros_like(td["advantages"])
+        return worker.actor.train_mini_batch(td)["metrics"]["grad_norm"][0]
+
+    hapo, verl_own = grad_norm(verl_engine.ENGINE_VENDOR), grad_norm(None)
+    assert verl_own > 0
+    assert hapo == pytest.approx(verl_own, rel=1e-4)
+
+
+def test_hapo_engine_checkpoint_carries_the_statistics(verl_on_cpu, monkeypatch, tmp_path, caplog):
+    """The statistics of the last old-log-prob pass are saved with verl's actor checkpoint
+    and restored when a fresh engine loads it (published again: here, without Ray, an ERROR
+    says they could not be)."""
+    from hapo_ops.integrations.verl import engine as verl_engine
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
+    worker = _actor_worker(verl_on_cpu, FP32_ENGINE)
+    td = _update_batch(seed=3)
+    reference = _reference_logits(verl_on_cpu, td["input_ids"])
+    rows = _stats_rows(reference, base_temperature=1.0, tau=0.3)
+    rows[:, verl_engine.ROLLOUT_STATS_FIELDS.index("step")] = 7.0
+    td[verl_engine.ROLLOUT_STATS_KEY] = rows
+    _infer(worker, td, temperature=1.0)
+    saved = worker.actor.engine.hapo_batch_stats
+    worker.actor.engine.save_checkpoint(str(tmp_path), global_step=7)
+    assert (tmp_path / verl_engine.STATS_CHECKPOINT_FILE).exists()
+
+    fresh = _actor_worker(verl_on_cpu, FP32_ENGINE)
+    assert getattr(fresh.actor.engine, "hapo_batch_stats", None) is None
+    with caplog.at_level("ERROR"):
+        fresh.actor.engine.load_checkpoint(str(tmp_path), del_local_after_load=False)
+    assert fresh.actor.engine.hapo_batch_step == 7
+    for got, want in zip(fresh.actor.engine.hapo_batch_stats, saved):
+        assert float(got) == float(want)
+    assert "not published" in caplog.text

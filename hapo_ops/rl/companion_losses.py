@@ -319,7 +319,7 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         cut_frac = masked_mean(cut.to(r.dtype), valid)
         approx_kl = _k3(r, log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            torch.zeros_like(cut_frac), cut_frac)
+                            torch.zeros_like(cut_frac), cut_frac, torch.zeros_like(per_token))
 
 
 # ------------------------------------------------------------------------------ KL-Cov
@@ -401,7 +401,7 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         penalised_frac = masked_mean(penalised.to(r.dtype), valid)
         approx_kl = _k3(r, log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, none, none.clone(), approx_kl, none.clone(),
-                            penalised_frac)
+                            penalised_frac, torch.zeros_like(per_token))
 
 
 # ------------------------------------------------------------------------------ GSPO
@@ -472,7 +472,8 @@ def gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_frac_high = masked_mean(((adv > 0) & (s > upper)).to(s.dtype), valid)
         approx_kl = _k3(log_ratio.detach().exp(), log_ratio.detach(), valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl))
+                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl),
+                            torch.zeros_like(per_token))
 
 
 # ------------------------------------------------------------------------------ CISPO
@@ -544,7 +545,8 @@ def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                          else masked_mean((ratio < lower).to(ratio.dtype), valid))
         approx_kl = _k3(ratio, log_ratio, valid)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl))
+                            torch.zeros_like(approx_kl), torch.zeros_like(approx_kl),
+                            torch.zeros_like(per_token))
 
 
 __all__ = ["clip_cov_policy_loss", "cispo_policy_loss", "gspo_policy_loss",

@@ -35,6 +35,9 @@ class PolicyLossOutput(NamedTuple):
     KL(π_old ‖ π), always ≥ 0.
     selected_frac: fraction of valid tokens chosen by a token-selection rule: those cut by
     Clip-Cov or penalised by KL-Cov; 0 for the other losses.
+    h_hat: the per-token normalized entropy ĥ the loss used (``hapo_policy_loss``), in the
+    loss dtype, 0 outside the mask; a zero tensor shaped like ``per_token`` for the losses
+    without ĥ. Detached.
     """
 
     loss: torch.Tensor
@@ -44,6 +47,7 @@ class PolicyLossOutput(NamedTuple):
     approx_kl: torch.Tensor
     dual_clip_frac: torch.Tensor
     selected_frac: torch.Tensor
+    h_hat: torch.Tensor
 
 
 def check_clip_eps(name: str, value: object, ref: torch.Tensor, *, lower: bool,
@@ -405,13 +409,14 @@ def _loss_coefficient(advantages: torch.Tensor, weights: torch.Tensor | None,
 def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Tensor,
                   log_ratio: torch.Tensor, ratio: torch.Tensor, coef: torch.Tensor,
                   lower: ScalarOrTensor, upper: ScalarOrTensor, dual_clip: float | None,
-                  log_ratio_clamp: float, scale: torch.Tensor, *, own_bounds: bool = False
-                  ) -> PolicyLossOutput:
+                  log_ratio_clamp: float, scale: torch.Tensor, *, own_bounds: bool = False,
+                  h_hat: torch.Tensor | None = None) -> PolicyLossOutput:
     """The clipped loss and its metrics from the ratio (``_log_ratio_and_ratio``), the
     coefficient A·w (``_loss_coefficient``) and the ratio bounds 1 - ε_low, 1 + ε_high: the
     one home of ``clipped_policy_loss`` and ``hapo_policy_loss``. ``log_ratio`` and
     ``ratio`` are overwritten; so are the bounds with ``own_bounds`` (full-shape tensors,
-    finite off the mask, owned by the caller)."""
+    finite off the mask, owned by the caller). ``h_hat``: the ĥ of the output (default
+    zeros)."""
     dtype = ratio.dtype
     with torch.no_grad():
         positive = coef > 0
@@ -443,8 +448,10 @@ def _clipped_loss(logprobs: torch.Tensor, valid: torch.Tensor, invalid: torch.Te
         approx_kl = ratio.sub_(1.0).sub_(log_ratio).sum() / count
         held |= log_ratio.abs_() >= log_ratio_clamp     # no gradient past the clamp
     loss, per_token = _ClippedPolicyGradient.apply(logprobs, coef, clipped, held, scale)
+    if h_hat is None:
+        h_hat = torch.zeros_like(per_token)
     return PolicyLossOutput(loss, per_token, clip_frac_low, clip_frac_high, approx_kl,
-                            dual_clip_frac, torch.zeros_like(clip_frac_low))
+                            dual_clip_frac, torch.zeros_like(clip_frac_low), h_hat)
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
@@ -482,7 +489,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     Returns:
       ``PolicyLossOutput``: ``loss`` 0-d, ``per_token`` (..., L) (ℓ·w, 0 off the mask) and the
       0-d metrics ``clip_frac_low``, ``clip_frac_high``, ``approx_kl``, ``dual_clip_frac``
-      (``selected_frac`` = 0), all in float32 (float64 for float64 inputs).
+      (``selected_frac`` = 0; ``h_hat`` zeros like ``per_token``), all in float32 (float64
+      for float64 inputs).
 
     Example:
       >>> import torch
@@ -571,8 +579,8 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
     Returns:
       ``PolicyLossOutput`` as ``clipped_policy_loss`` (fractions over the adaptive bounds;
-      ``dual_clip_frac`` the dual clip's; ``selected_frac`` = 0), float32 (float64 inputs:
-      float64).
+      ``dual_clip_frac`` the dual clip's; ``selected_frac`` = 0; ``h_hat`` the ĥ of step 1,
+      0 off the mask), float32 (float64 inputs: float64).
 
     Example:
       >>> import torch
@@ -622,11 +630,11 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                                 log_ratio_clamp)
         coef = _loss_coefficient(advantages, weights, valid, dtype)
         coef.mul_(redistribution_scale(h_hat, ratio, eps_low=widened_low,
-                                       eps_high=widened_high, beta=beta, out=h_hat))
+                                       eps_high=widened_high, beta=beta))
         lower = widened_low.neg_().add_(1.0)     # in place: ε' are not needed again
         upper = widened_high.add_(1.0)
         if isinstance(eps_low, torch.Tensor) or isinstance(eps_high, torch.Tensor):
             lower.masked_fill_(invalid, 1.0)     # whatever tensor ε hold off the mask
             upper.masked_fill_(invalid, 1.0)
     return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, lower, upper,
-                         dual_clip, log_ratio_clamp, scale, own_bounds=True)
+                         dual_clip, log_ratio_clamp, scale, own_bounds=True, h_hat=h_hat)

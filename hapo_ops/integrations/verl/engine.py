@@ -37,15 +37,23 @@ Supported: verl's packed (remove-padding) inputs, static packed padding
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 
 import hapo_ops
-from hapo_ops._utils.validation import VARIANTS
 from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.integrations.verl.board import publish_entropy_stats, stats_board
+from hapo_ops.integrations.verl.settings import ENGINE_VENDOR, RolloutSettings
+from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_FIELDS, ROLLOUT_STATS_KEY,
+                                             TOKEN_TEMPERATURE_KEY, VARIANT_CODES, column,
+                                             dense_stats_rows, encode_row, row_settings, row_stats,
+                                             variant_of_code)
 
 try:
+    import ray
     from verl.utils import tensordict_utils as tu
     from verl.utils import torch_functional as verl_F
     from verl.utils.ulysses import ulysses_pad_and_slice_inputs
@@ -54,68 +62,37 @@ try:
     from verl.workers.engine.utils import pad_packed_inputs
     from verl.workers.utils.padding import no_padding_2_padding
 except ImportError as exc:  # pragma: no cover - exercised only without verl
-    raise ImportError("hapo_ops.integrations.verl_engine needs verl: pip install 'hapo-ops[verl]'") from exc
+    raise ImportError("hapo_ops.integrations.verl.engine needs verl: pip install 'hapo-ops[verl]'") from exc
 
-ENGINE_VENDOR = "hapo"
-ROLLOUT_STATS_KEY = "hapo_rollout_stats"
-TOKEN_TEMPERATURE_KEY = "hapo_token_temperature"
-# Columns of ``hapo_rollout_stats`` (one row per sample, float32).
-ROLLOUT_STATS_FIELDS = ("pivot", "log_max", "log_min", "base_temperature", "tau", "eps", "variant",
-                        "quantile")
-# The variant column holds the variant's index in VARIANTS ("paper" 0, "released" 1).
-VARIANT_CODES = {name: float(code) for code, name in enumerate(VARIANTS)}
+logger = logging.getLogger(__name__)
+
+#: File of the engine's last statistics inside each actor checkpoint directory.
+STATS_CHECKPOINT_FILE = "hapo_entropy_stats.pt"
 
 
 def rollout_stats_row(stats: EntropyStats | None, *, base_temperature: float, tau: float,
-                      variant: str = "paper", eps: float = 1e-8, quantile: float = 0.8
-                      ) -> torch.Tensor:
-    """The (8,) float32 row of ``hapo_rollout_stats`` for one sample.
+                      variant: str = "paper", eps: float = 1e-8, quantile: float = 0.8,
+                      step: int = 0, stats_step: int = -1) -> torch.Tensor:
+    """The float32 row of ``hapo_rollout_stats`` for one sample: keyword form of
+    :func:`hapo_ops.integrations.verl.wire.encode_row`."""
+    settings = RolloutSettings(tau=float(tau), base_temperature=float(base_temperature),
+                               variant=variant, eps=float(eps), quantile=float(quantile))
+    return encode_row(stats, settings, step=step, stats_step=stats_step)
 
-    Columns :data:`ROLLOUT_STATS_FIELDS`; ``variant`` as its code in :data:`VARIANT_CODES`;
-    ``quantile`` is the pivot quantile the engine uses for the next statistics.
-    ``stats=None`` (no training batch yet) stores pivot 0, log_max +inf, log_min -inf,
-    which gives ĥ = 0 and T_t = T_base, as :func:`hapo_ops.adaptive_temperature` with no
-    statistics.
+
+def token_temperature(entropy: torch.Tensor, stats_rows: torch.Tensor,
+                      settings: RolloutSettings | None = None) -> torch.Tensor:
+    """T_t = T_base·(1 + τ·ĥ_t) per token from the T = 1 entropy and per-token rows.
+
+    ``entropy``: (N,) float32; ``stats_rows``: (N, 10) dense rows of ``hapo_rollout_stats``,
+    one per token (each sample's row repeated). pivot, log_max, log_min may differ per
+    token; τ, T_base, eps and the variant are the batch's ``settings`` (read from the rows,
+    one host read, when not given).
     """
-    if variant not in VARIANT_CODES:
-        raise ValueError(f"variant must be one of {tuple(VARIANT_CODES)}, got {variant!r}")
-    if stats is None:
-        pivot, log_max, log_min = 0.0, float("inf"), float("-inf")
-    else:
-        pivot, log_max, log_min = (float(v) for v in stats)
-    return torch.tensor([pivot, log_max, log_min, float(base_temperature), float(tau),
-                         float(eps), VARIANT_CODES[variant], float(quantile)], dtype=torch.float32)
-
-
-def variant_of_code(code: float) -> str:
-    """The variant whose code (:data:`VARIANT_CODES`) a ``hapo_rollout_stats`` row holds."""
-    if code not in VARIANT_CODES.values():
-        raise ValueError(f"{ROLLOUT_STATS_KEY}: variant code must be one of "
-                         f"{sorted(VARIANT_CODES.values())}, got {code}")
-    return VARIANTS[int(code)]
-
-
-def _uniform(values: torch.Tensor, name: str) -> float:
-    first = values[:1]
-    if values.numel() and not torch.equal(values, first.expand_as(values)):
-        raise ValueError(f"{ROLLOUT_STATS_KEY}: {name} must be the same for every sample of a "
-                         f"micro-batch, got {values.unique().tolist()}")
-    return float(first.item()) if values.numel() else 0.0
-
-
-def token_temperature(entropy: torch.Tensor, stats_rows: torch.Tensor) -> torch.Tensor:
-    """T_t = T_base·(1 + τ·ĥ_t) per token from the T = 1 entropy and per-token stats rows.
-
-    ``entropy``: (N,) float32; ``stats_rows``: (N, 8) rows of ``hapo_rollout_stats``, one per
-    token (each sample's row repeated). pivot, log_max, log_min may differ per token; τ,
-    T_base, eps and the variant must be the same for all.
-    """
-    variant = variant_of_code(_uniform(stats_rows[:, 6], "variant"))
-    stats = EntropyStats(stats_rows[:, 0], stats_rows[:, 1], stats_rows[:, 2])
+    settings = row_settings(stats_rows) if settings is None else settings
     return hapo_ops.adaptive_temperature(
-        entropy, stats, base_temperature=_uniform(stats_rows[:, 3], "base_temperature"),
-        tau=_uniform(stats_rows[:, 4], "tau"), variant=variant,
-        eps=_uniform(stats_rows[:, 5], "eps"))
+        entropy, row_stats(stats_rows), base_temperature=settings.base_temperature,
+        tau=settings.tau, variant=settings.variant, eps=settings.eps)
 
 
 def _refuse(micro_batch: Any) -> None:
@@ -137,12 +114,27 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     """verl's FSDP language-model engine with the T = 1 entropy and per-token temperature
     computed by hapo-ops (module docstring)."""
 
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        """verl's pass over the micro-batches, with the statistics rows decoded once per
+        batch: made dense (TransferQueue returns them nested) and their settings (τ,
+        T_base, eps, variant: one host read) kept for every micro-batch."""
+        self.hapo_batch_settings = None
+        if ROLLOUT_STATS_KEY in data.keys() and TOKEN_TEMPERATURE_KEY not in data.keys():
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
+            data[ROLLOUT_STATS_KEY] = rows
+            self.hapo_batch_settings = row_settings(rows)
+        try:
+            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        finally:
+            self.hapo_batch_settings = None
+
     def infer_batch(self, data, loss_function=None):
         """verl's forward-only pass; on the old-log-prob pass of a HAPO batch (statistics
         present, no stored T_t) also the statistics of the T = 1 entropies of its response
         tokens over all data-parallel ranks (quantile and eps from the batch), kept as
-        ``hapo_batch_stats`` and published for the next rollout
-        (:func:`hapo_ops.integrations.verl_rollout.publish_entropy_stats`)."""
+        ``hapo_batch_stats`` (with ``hapo_batch_step``, the batch's training step) and
+        published for the next rollout (rank 0,
+        :func:`hapo_ops.integrations.verl.board.publish_entropy_stats`)."""
         keys = data.keys()
         collect = ROLLOUT_STATS_KEY in keys and TOKEN_TEMPERATURE_KEY not in keys
         self._hapo_entropies = [] if collect else None
@@ -151,21 +143,63 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         finally:
             collected, self._hapo_entropies = self._hapo_entropies, None
         if collect:
-            rows = data[ROLLOUT_STATS_KEY].to(torch.float32)
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
+            settings = row_settings(rows)
             values = (torch.cat(collected) if collected
                       else torch.zeros(0, dtype=torch.float32, device=rows.device))
             group = None
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 group = self.get_data_parallel_group()
             self.hapo_batch_stats = hapo_ops.entropy_stats(
-                values, torch.ones_like(values, dtype=torch.bool),
-                quantile=_uniform(rows[:, 7], "quantile"), eps=_uniform(rows[:, 5], "eps"),
-                group=group)
+                values, torch.ones_like(values, dtype=torch.bool), quantile=settings.quantile,
+                eps=settings.eps, group=group)
+            self.hapo_batch_step = int(column(rows, "step").max())
             if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                from hapo_ops.integrations.verl_rollout import publish_entropy_stats
-
-                publish_entropy_stats(self.hapo_batch_stats)
+                self.publish_stats()
         return outputs
+
+    def publish_stats(self) -> None:
+        """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
+        outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
+        :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
+        if not ray.is_initialized():
+            logger.error("hapo_ops: the entropy statistics of step %d are not published: Ray is "
+                         "not running (no HAPO rollout to feed)", self.hapo_batch_step)
+            return
+        publish_entropy_stats(self.hapo_batch_stats, self.hapo_batch_step,
+                              board=getattr(self, "hapo_stats_board", None))
+
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None,
+                        **kwargs):
+        """verl's checkpoint, plus (rank 0) the last published statistics and their step in
+        :data:`STATS_CHECKPOINT_FILE`, so that a resumed run samples its first rollout with
+        them instead of at T_base."""
+        super().save_checkpoint(local_path, hdfs_path=hdfs_path, global_step=global_step,
+                                max_ckpt_to_keep=max_ckpt_to_keep, **kwargs)
+        stats = getattr(self, "hapo_batch_stats", None)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if stats is not None and rank0 and local_path is not None:
+            os.makedirs(local_path, exist_ok=True)
+            torch.save({"stats": [float(v) for v in stats], "step": int(self.hapo_batch_step)},
+                       os.path.join(local_path, STATS_CHECKPOINT_FILE))
+
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=True, **kwargs):
+        """verl's checkpoint; then the statistics saved with it (if any) are restored and
+        published (rank 0) to the board, created here if the agent-loop manager has not
+        made it yet (this engine keeps the handle)."""
+        path = None if local_path is None else os.path.join(local_path, STATS_CHECKPOINT_FILE)
+        saved = torch.load(path) if path is not None and os.path.exists(path) else None
+        result = super().load_checkpoint(local_path, hdfs_path=hdfs_path,
+                                         del_local_after_load=del_local_after_load, **kwargs)
+        if saved is not None:
+            self.hapo_batch_stats = EntropyStats(*(torch.tensor(v) for v in saved["stats"]))
+            self.hapo_batch_step = int(saved["step"])
+            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            if rank0:
+                if ray.is_initialized():
+                    self.hapo_stats_board = stats_board(create=True)
+                self.publish_stats()
+        return result
 
     def _packed_like_inputs(self, values: torch.Tensor, static_pad_size: int,
                             pad_value: float) -> torch.Tensor:
@@ -191,10 +225,7 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             output_args["hapo_stored_temperature"] = self._packed_like_inputs(
                 stored, static_pad_size, pad_value=1.0)
         elif ROLLOUT_STATS_KEY in micro_batch.keys():
-            rows = micro_batch[ROLLOUT_STATS_KEY].to(torch.float32)
-            if rows.dim() != 2 or rows.shape[-1] != len(ROLLOUT_STATS_FIELDS):
-                raise ValueError(f"{ROLLOUT_STATS_KEY} must have shape (batch, "
-                                 f"{len(ROLLOUT_STATS_FIELDS)}), got {tuple(rows.shape)}")
+            rows = dense_stats_rows(micro_batch[ROLLOUT_STATS_KEY])  # dense already: no copy
             sample = torch.arange(rows.shape[0], device=rows.device)
             token_sample = verl_F.expand_as_nested(sample, input_ids).values()
             token_sample = self._packed_like_inputs(token_sample, static_pad_size, pad_value=0)
@@ -227,7 +258,8 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 temperature = output_args["hapo_stored_temperature"].to(logits.device)
             elif from_stats:
                 temperature = token_temperature(entropy_t1.detach(),
-                                                output_args["hapo_stats_rows"].to(logits.device))
+                                                output_args["hapo_stats_rows"].to(logits.device),
+                                                getattr(self, "hapo_batch_settings", None))
             else:  # verl's own per-sample temperature
                 temperature = output_args["temperature_rmpad"].to(device=logits.device,
                                                                   dtype=torch.float32)
@@ -268,12 +300,14 @@ class HAPOUnsupportedEngine(BaseEngine):
 
 __all__ = [
     "ENGINE_VENDOR",
-    "HAPOUnsupportedEngine",
     "HAPOFSDPEngineWithLMHead",
+    "HAPOUnsupportedEngine",
     "ROLLOUT_STATS_FIELDS",
     "ROLLOUT_STATS_KEY",
+    "STATS_CHECKPOINT_FILE",
     "TOKEN_TEMPERATURE_KEY",
     "VARIANT_CODES",
+    "dense_stats_rows",
     "rollout_stats_row",
     "token_temperature",
     "variant_of_code",

@@ -4,9 +4,10 @@ Source: HAPO, arXiv 2509.16591. Read against verl 0.9.1 (``verl.trainer.ppo.core
 ``verl.workers.utils.losses.ppo_loss``, ``verl.workers.engine_workers``,
 ``verl.trainer.distillation.losses``).
 
-This module is published as an entry point of verl's plugin group ``verl.plugins``, so
-``import verl`` loads it in every process (driver, task runner, every Ray worker) and it
-registers, in verl's own registries and hooks:
+:mod:`hapo_ops.integrations.verl` (which re-exports this module) is published as an entry
+point of verl's plugin group ``verl.plugins``, so ``import verl`` loads it in every process
+(driver, task runner, every Ray worker) and :func:`register` registers, in verl's own
+registries and hooks:
 
 - advantage estimators ``"hapo_tlga"`` (token-level group average, paper variant) and
   ``"hapo_tlga_released"`` (the public reference code's fallback test), selected with
@@ -42,7 +43,9 @@ import numpy as np
 import torch
 
 import hapo_ops
-from hapo_ops._utils.validation import VARIANTS, check_choice, check_float
+from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.integrations.verl.settings import (DEFAULTS, ENGINE_VENDOR, check_hapo_params,
+                                                 config_value, hapo_param)
 
 try:
     from verl.trainer.ppo import core_algos
@@ -90,14 +93,6 @@ def group_ids_from_index(index: Any, device: torch.device | str | None = None) -
     return torch.as_tensor(inverse.reshape(-1).astype(np.int64), device=device)
 
 
-def _config_value(config: Any, key: str, default: Any) -> Any:
-    if config is None:
-        return default
-    getter = getattr(config, "get", None)
-    value = getter(key, default) if getter is not None else getattr(config, key, default)
-    return default if value is None else value
-
-
 def _make_estimator(variant: str):
     def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                   config: Any = None, index: Any = None, **kwargs: Any
@@ -106,9 +101,9 @@ def _make_estimator(variant: str):
         group_ids = group_ids_from_index(index, rewards.device)
         advantages = hapo_ops.token_level_group_advantages(
             rewards, group_ids, response_mask,
-            normalize_std=bool(_config_value(config, "norm_adv_by_std_in_grpo", True)),
-            eps=float(_config_value(config, "hapo_eps", 1e-6)),
-            fallback_threshold=float(_config_value(config, "hapo_fallback_threshold", 5.0)),
+            normalize_std=bool(config_value(config, "norm_adv_by_std_in_grpo", True)),
+            eps=float(config_value(config, "hapo_eps", 1e-6)),
+            fallback_threshold=float(config_value(config, "hapo_fallback_threshold", 5.0)),
             variant=variant)
         advantages = advantages.to(token_level_rewards.dtype)
         return advantages, advantages
@@ -155,32 +150,26 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
     ``clip_ratio_high``, ``clip_ratio_c`` (HAPO's reference uses 10) and ``loss_agg_mode``.
 
     hapo_variant: "paper" or "released" (ĥ below the pivot, as in the reference code).
-    hapo_alpha / hapo_beta: adaptive clipping / advantage redistribution strengths.
+    hapo_alpha: adaptive clipping strength, ≥ 0.
+    hapo_beta: advantage redistribution strength, in [0, 1] (0 off, 1 full).
     hapo_quantile: pivot quantile of the entropy statistics.
     hapo_stats_scope: "dp" pools the entropy statistics of each micro-batch over the
       data-parallel ranks (exact, collective), "local" uses this rank's micro-batch only.
     hapo_entropy_eps: floor of H before the log.
     hapo_tau: adaptive temperature strength τ of the rollout, |τ| < 1 (read by the HAPO
-      agent-loop manager, :mod:`hapo_ops.integrations.verl_rollout`; unused by the loss).
+      agent-loop manager, :mod:`hapo_ops.integrations.verl.rollout`; unused by the loss).
     """
 
-    hapo_variant: str = "paper"
-    hapo_alpha: float = 1.0
-    hapo_beta: float = 1.0
-    hapo_quantile: float = 0.8
-    hapo_stats_scope: str = "dp"
-    hapo_entropy_eps: float = 1e-8
-    hapo_tau: float = 0.05
+    hapo_variant: str = DEFAULTS["hapo_variant"]
+    hapo_alpha: float = DEFAULTS["hapo_alpha"]
+    hapo_beta: float = DEFAULTS["hapo_beta"]
+    hapo_quantile: float = DEFAULTS["hapo_quantile"]
+    hapo_stats_scope: str = DEFAULTS["hapo_stats_scope"]
+    hapo_entropy_eps: float = DEFAULTS["hapo_entropy_eps"]
+    hapo_tau: float = DEFAULTS["hapo_tau"]
 
     def __post_init__(self) -> None:
-        check_choice("hapo_variant", self.hapo_variant, VARIANTS)
-        check_float("hapo_alpha", self.hapo_alpha)
-        check_float("hapo_beta", self.hapo_beta)
-        check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
-        check_choice("hapo_stats_scope", self.hapo_stats_scope, ("dp", "local"))
-        check_float("hapo_entropy_eps", self.hapo_entropy_eps, min_value=0.0, min_inclusive=False)
-        check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
-                    max_inclusive=False)
+        check_hapo_params(self)
         if self.loss_mode != "vanilla":
             raise ValueError("HAPOPolicyLossConfig replaces the whole policy loss: loss_mode must "
                              f"stay 'vanilla', got {self.loss_mode!r}")
@@ -188,21 +177,7 @@ class HAPOPolicyLossConfig(PolicyLossConfig):
         install_loss_dispatcher()
 
 
-def _hapo_param(policy_loss: Any, name: str) -> Any:
-    """A HAPO field of ``actor.policy_loss`` (a HAPOPolicyLossConfig, or any mapping with
-    ``hapo_*`` keys); the class default where it is absent."""
-    return _config_value(policy_loss, name, HAPOPolicyLossConfig.__dataclass_fields__[name].default)
-
-
 # --------------------------------------------------------------------------- actor loss
-
-
-def _policy_rollout_correction_check(config: Any) -> None:
-    rollout_correction = _config_value(getattr(config, "policy_loss", None), "rollout_correction", None)
-    if rollout_correction is not None and _config_value(rollout_correction, "bypass_mode", False):
-        raise ValueError("hapo_loss does not implement verl's rollout-correction bypass mode "
-                         "(algorithm.rollout_correction.bypass_mode=True); use the decoupled mode "
-                         "(old log-probs recomputed by the actor)")
 
 
 def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
@@ -214,126 +189,166 @@ def hapo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None
     ``actor_rollout_ref.actor.calculate_entropy=True`` so that verl computes it);
     ``data``: the micro-batch ``TensorDict`` (``old_log_probs``, ``advantages``,
     ``response_mask``, optionally ``rollout_is_weights`` and ``ref_log_prob``, and verl's
-    global ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size``).
+    global ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size``); ``dp_group``: the
+    data-parallel group over which ``hapo_stats_scope="dp"`` pools the entropy statistics.
 
-    Loss = :func:`hapo_ops.hapo_policy_loss` (ĥ from this micro-batch's entropy, adaptive
-    clip bounds around ``clip_ratio_low/high``, redistribution, dual clip ``clip_ratio_c``),
-    times ``rollout_is_weights`` per token when present, aggregated with ``loss_agg_mode``
-    over verl's global counts and multiplied by ``dp_size``, as verl's ``agg_loss`` does
-    (DDP/FSDP average gradients over ranks); minus ``entropy_coeff`` times the aggregated
-    entropy, plus ``kl_loss_coef`` times the KL loss when ``use_kl_loss``, as ``ppo_loss``.
-    All of it in float32 whatever the engine's dtype (the casts are differentiable). With
-    ``hapo_alpha = hapo_beta = 0`` this is verl's vanilla ``ppo_loss``.
-    Returns ``(loss, metrics)`` with verl's metric names (``actor/pg_loss``,
+    Loss = dp_size · :func:`hapo_ops.hapo_policy_loss` (ĥ from this micro-batch's entropy,
+    adaptive clip bounds around ``clip_ratio_low/high``, redistribution, dual clip
+    ``clip_ratio_c``, ``weights=rollout_is_weights``, aggregated with ``loss_agg_mode`` over
+    verl's global counts, as verl's ``agg_loss``: DDP/FSDP average gradients over ranks)
+    − ``entropy_coeff``·(aggregated entropy) + ``kl_loss_coef``·(KL loss, when
+    ``use_kl_loss``), as ``ppo_loss``. All of it in float32 whatever the engine's dtype (the
+    casts are differentiable). With ``hapo_alpha = hapo_beta = 0`` this is verl's vanilla
+    ``ppo_loss``. Returns ``(loss, metrics)`` with verl's metric names (``actor/pg_loss``,
     ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``,
     ``actor/entropy_loss``, ``kl_loss``) plus ``actor/hapo/*``.
     """
-    from verl.utils.metric import AggregationType, Metric
-    from verl.workers.utils.padding import no_padding_2_padding
+    check_loss_inputs(config, model_output)
+    inputs = loss_inputs(model_output, data)
+    metric_aggregation = set_global_batch_info(config, data)
+    stats = micro_batch_stats(inputs, config.policy_loss, dp_group)
+    out = hapo_ops.hapo_policy_loss(
+        inputs["log_prob"], inputs["old_log_prob"], inputs["advantages"], inputs["entropy"],
+        inputs["mask"], stats=stats, weights=inputs.get("weights"),
+        **policy_loss_kwargs(config, inputs["mask"], data))
+    pg_loss = out.loss * data["dp_size"]
+    metrics = policy_loss_metrics(out, inputs, stats)
+    metrics["actor/pg_loss"] = _metric(pg_loss, metric_aggregation)
+    loss = pg_loss + verl_extra_terms(config, inputs, metrics, metric_aggregation)
+    return loss, metrics
 
-    entropy = model_output.get("entropy", None)
-    if entropy is None:
+
+def check_loss_inputs(config: Any, model_output: dict) -> None:
+    """Refuse what :func:`hapo_loss` cannot compute: no entropy in the engine's output, or
+    verl's rollout-correction bypass mode (log-probs not recomputed by the actor)."""
+    if model_output.get("entropy", None) is None:
         raise ValueError("hapo_loss needs the per-token entropy: set "
                          "actor_rollout_ref.actor.calculate_entropy=True")
-    _policy_rollout_correction_check(config)
-    # The loss math is float32 whatever the engine hands over (bf16 under FSDP mixed
-    # precision): the casts are differentiable, gradients flow back in the input dtype.
-    log_prob = no_padding_2_padding(model_output["log_probs"], data).float()
-    entropy = no_padding_2_padding(entropy, data).float()
+    rollout_correction = config_value(getattr(config, "policy_loss", None), "rollout_correction", None)
+    if rollout_correction is not None and config_value(rollout_correction, "bypass_mode", False):
+        raise ValueError("hapo_loss does not implement verl's rollout-correction bypass mode "
+                         "(algorithm.rollout_correction.bypass_mode=True); use the decoupled mode "
+                         "(old log-probs recomputed by the actor)")
 
-    dp_size = data["dp_size"]
-    batch_num_tokens = data["batch_num_tokens"]
-    global_batch_size = data["global_batch_size"]
-    # verl's own terms below (entropy bonus, KL loss) aggregate with these, like ppo_loss
-    config.global_batch_info["dp_size"] = dp_size
-    config.global_batch_info["batch_num_tokens"] = batch_num_tokens
-    config.global_batch_info["global_batch_size"] = global_batch_size
-    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
-    if (dp_size > 1 or batch_num_tokens is not None or global_batch_size is not None
-            or config.loss_scale_factor is not None):
-        metric_aggregation = AggregationType.SUM
-    else:
-        metric_aggregation = AggregationType.MEAN
+
+def loss_inputs(model_output: dict, data: Any) -> dict:
+    """The (B, L) float32 inputs of the loss from the engine's packed outputs and the
+    micro-batch: ``log_prob``, ``entropy`` (differentiable casts: gradients flow back in the
+    engine's dtype), ``old_log_prob``, ``advantages``, bool ``mask`` and, when present,
+    ``weights`` (``rollout_is_weights``) and ``ref_log_prob``."""
+    from verl.workers.utils.padding import no_padding_2_padding
 
     fields = ["response_mask", "old_log_probs", "advantages"]
-    for optional in ("rollout_is_weights", "ref_log_prob"):
-        if optional in data:
-            fields.append(optional)
+    fields += [name for name in ("rollout_is_weights", "ref_log_prob") if name in data]
     padded = data.select(*fields).to_padded_tensor()
-    response_mask = padded["response_mask"].to(torch.bool)
-    old_log_prob = padded["old_log_probs"].float()
-    advantages = padded["advantages"].float()
-    weights = padded.get("rollout_is_weights", None)
+    inputs = {"log_prob": no_padding_2_padding(model_output["log_probs"], data).float(),
+              "entropy": no_padding_2_padding(model_output["entropy"], data).float(),
+              "old_log_prob": padded["old_log_probs"].float(),
+              "advantages": padded["advantages"].float(),
+              "mask": padded["response_mask"].to(torch.bool)}
+    if "rollout_is_weights" in padded:
+        inputs["weights"] = padded["rollout_is_weights"].detach().float()
+    if "ref_log_prob" in padded:
+        inputs["ref_log_prob"] = padded["ref_log_prob"].float()
+    return inputs
 
-    policy_loss_cfg = config.policy_loss
-    variant = _hapo_param(policy_loss_cfg, "hapo_variant")
-    quantile = float(_hapo_param(policy_loss_cfg, "hapo_quantile"))
-    entropy_eps = float(_hapo_param(policy_loss_cfg, "hapo_entropy_eps"))
-    scope = _hapo_param(policy_loss_cfg, "hapo_stats_scope")
+
+def set_global_batch_info(config: Any, data: Any) -> Any:
+    """Put verl's global counts into ``config.global_batch_info`` (verl's own terms aggregate
+    with them, as in ``ppo_loss``); returns the aggregation of the loss metrics (SUM over
+    micro-batches when the loss is scaled by global counts, MEAN otherwise)."""
+    from verl.utils.metric import AggregationType
+
+    info = config.global_batch_info
+    info["dp_size"] = data["dp_size"]
+    info["batch_num_tokens"] = data["batch_num_tokens"]
+    info["global_batch_size"] = data["global_batch_size"]
+    info["loss_scale_factor"] = config.loss_scale_factor
+    if (info["dp_size"] > 1 or info["batch_num_tokens"] is not None
+            or info["global_batch_size"] is not None or config.loss_scale_factor is not None):
+        return AggregationType.SUM
+    return AggregationType.MEAN
+
+
+def micro_batch_stats(inputs: dict, policy_loss: Any, dp_group: Any = None) -> EntropyStats:
+    """The entropy statistics of the micro-batch's valid tokens (no gradient), pooled over
+    ``dp_group`` when ``hapo_stats_scope`` is "dp" and torch.distributed is running."""
     group = None
-    if (scope == "dp" and dp_group is not None and torch.distributed.is_available()
-            and torch.distributed.is_initialized()):
+    if (hapo_param(policy_loss, "hapo_stats_scope") == "dp" and dp_group is not None
+            and torch.distributed.is_available() and torch.distributed.is_initialized()):
         group = dp_group
     with torch.no_grad():
-        stats = hapo_ops.entropy_stats(entropy.detach(), response_mask, quantile=quantile,
-                                       eps=entropy_eps, group=group)
+        return hapo_ops.entropy_stats(
+            inputs["entropy"].detach(), inputs["mask"],
+            quantile=float(hapo_param(policy_loss, "hapo_quantile")),
+            eps=float(hapo_param(policy_loss, "hapo_entropy_eps")), group=group)
 
-    mode = config.loss_agg_mode
-    agg_kwargs = _aggregation_kwargs(mode, response_mask, batch_num_tokens, global_batch_size,
-                                     config.loss_scale_factor)
-    clip_ratio_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
-    clip_ratio_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    out = hapo_ops.hapo_policy_loss(
-        log_prob, old_log_prob, advantages, entropy, response_mask, stats=stats, variant=variant,
-        eps_low=float(clip_ratio_low), eps_high=float(clip_ratio_high),
-        alpha=float(_hapo_param(policy_loss_cfg, "hapo_alpha")),
-        beta=float(_hapo_param(policy_loss_cfg, "hapo_beta")), quantile=quantile,
-        dual_clip=float(config.clip_ratio_c), agg=mode, entropy_eps=entropy_eps, **agg_kwargs)
-    pg_loss = out.loss
-    if weights is not None:
-        pg_loss = hapo_ops.aggregate_loss(out.per_token * weights.detach().float(),
-                                          response_mask, mode, **agg_kwargs)
-    pg_loss = pg_loss * dp_size
 
+def policy_loss_kwargs(config: Any, mask: torch.Tensor, data: Any) -> dict:
+    """The keyword arguments of :func:`hapo_ops.hapo_policy_loss` from the actor config:
+    variant, clip bounds (``clip_ratio_low/high``, else ``clip_ratio``), α, β, quantile,
+    dual clip, entropy eps, aggregation and its denominators."""
+    policy_loss = config.policy_loss
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return {"variant": hapo_param(policy_loss, "hapo_variant"),
+            "eps_low": float(low), "eps_high": float(high),
+            "alpha": float(hapo_param(policy_loss, "hapo_alpha")),
+            "beta": float(hapo_param(policy_loss, "hapo_beta")),
+            "quantile": float(hapo_param(policy_loss, "hapo_quantile")),
+            "dual_clip": float(config.clip_ratio_c), "agg": config.loss_agg_mode,
+            "entropy_eps": float(hapo_param(policy_loss, "hapo_entropy_eps")),
+            **_aggregation_kwargs(config.loss_agg_mode, mask, data["batch_num_tokens"],
+                                  data["global_batch_size"], config.loss_scale_factor)}
+
+
+def policy_loss_metrics(out: Any, inputs: dict, stats: EntropyStats) -> dict:
+    """verl's policy-loss metrics (``actor/pg_clipfrac``, ``actor/ppo_kl``,
+    ``actor/pg_clipfrac_lower``) and ``actor/hapo/*`` (clip fractions, approx_kl, the mean
+    ĥ the loss used over valid tokens, the pivot), averaged over micro-batches; one host read.
+    verl's ppo_kl is the mean of −log r (log r clamped to ±20 like the loss's ratio)."""
+    from verl.utils.metric import AggregationType, Metric
+
+    mask = inputs["mask"]
     with torch.no_grad():
-        h_hat = hapo_ops.normalized_entropy(entropy.detach(), stats, variant=variant,
-                                            eps=entropy_eps)
-        n_valid = response_mask.sum().clamp_min(1)
-        h_hat_mean = (h_hat * response_mask).sum() / n_valid
-        # verl's ppo_kl: the mean of -log r (clamped like the loss's ratio), where
-        # approx_kl is the k3 estimator (r - 1) - log r
-        log_ratio = torch.clamp(log_prob.detach() - old_log_prob, -20.0, 20.0)
-        ppo_kl = (-log_ratio * response_mask).sum() / n_valid
-    pg_metrics = {
-        "actor/pg_clipfrac": (out.clip_frac_low + out.clip_frac_high).item(),
-        "actor/ppo_kl": ppo_kl.item(),
-        "actor/pg_clipfrac_lower": out.dual_clip_frac.item(),
-        "actor/hapo/clip_frac_low": out.clip_frac_low.item(),
-        "actor/hapo/clip_frac_high": out.clip_frac_high.item(),
-        "actor/hapo/dual_clip_frac": out.dual_clip_frac.item(),
-        "actor/hapo/approx_kl": out.approx_kl.item(),
-        "actor/hapo/h_hat_mean": h_hat_mean.item(),
-        "actor/hapo/pivot": stats.pivot.item(),
-    }
-    metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
-    metrics["actor/pg_loss"] = Metric(value=pg_loss.detach().item(), aggregation=metric_aggregation)
-    policy_loss = pg_loss
+        n_valid = mask.sum().clamp_min(1)
+        log_ratio = torch.clamp(inputs["log_prob"].detach() - inputs["old_log_prob"], -20.0, 20.0)
+        values = torch.stack([
+            out.clip_frac_low + out.clip_frac_high,
+            (-log_ratio * mask).sum() / n_valid,
+            out.dual_clip_frac, out.clip_frac_low, out.clip_frac_high, out.dual_clip_frac,
+            out.approx_kl, (out.h_hat * mask).sum() / n_valid, stats.pivot.float(),
+        ]).tolist()
+    names = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
+             "actor/hapo/clip_frac_low", "actor/hapo/clip_frac_high", "actor/hapo/dual_clip_frac",
+             "actor/hapo/approx_kl", "actor/hapo/h_hat_mean", "actor/hapo/pivot")
+    return dict(Metric.from_dict(dict(zip(names, values)), aggregation=AggregationType.MEAN))
 
-    # verl's own terms, as ppo_loss adds them (the entropy term whenever the entropy is there)
-    entropy_loss = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask,
+
+def verl_extra_terms(config: Any, inputs: dict, metrics: dict, aggregation: Any) -> torch.Tensor:
+    """verl's own terms, as ``ppo_loss`` adds them: −entropy_coeff·(aggregated entropy)
+    (whenever the entropy is there) and, with ``use_kl_loss``, kl_loss_coef·(KL loss);
+    their metrics (``actor/entropy_loss``, ``kl_loss``, ``kl_coef``) into ``metrics``."""
+    mode, mask = config.loss_agg_mode, inputs["mask"]
+    entropy_loss = core_algos.agg_loss(loss_mat=inputs["entropy"], loss_mask=mask,
                                        loss_agg_mode=mode, **config.global_batch_info)
-    policy_loss = policy_loss - config.entropy_coeff * entropy_loss
-    metrics["actor/entropy_loss"] = Metric(value=entropy_loss.detach().item(),
-                                           aggregation=metric_aggregation)
+    metrics["actor/entropy_loss"] = _metric(entropy_loss, aggregation)
+    extra = -config.entropy_coeff * entropy_loss
     if config.use_kl_loss:
-        kld = core_algos.kl_penalty(logprob=log_prob, ref_logprob=padded["ref_log_prob"].float(),
+        kld = core_algos.kl_penalty(logprob=inputs["log_prob"], ref_logprob=inputs["ref_log_prob"],
                                     kl_penalty=config.kl_loss_type)
-        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode,
+        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=mode,
                                       **config.global_batch_info)
-        policy_loss = policy_loss + kl_loss * config.kl_loss_coef
-        metrics["kl_loss"] = Metric(value=kl_loss.detach().item(), aggregation=metric_aggregation)
+        extra = extra + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = _metric(kl_loss, aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
-    return policy_loss, metrics
+    return extra
+
+
+def _metric(value: torch.Tensor, aggregation: Any) -> Any:
+    from verl.utils.metric import Metric
+
+    return Metric(value=value.detach().item(), aggregation=aggregation)
 
 
 def _aggregation_kwargs(mode: str, mask: torch.Tensor, batch_num_tokens: Optional[float],
@@ -386,7 +401,7 @@ def install_loss_dispatcher() -> list[str]:
     patched = []
     for name, module in list(sys.modules.items()):
         namespace = getattr(module, "__dict__", None)
-        if namespace is None or name == __name__:
+        if namespace is None or name.startswith("hapo_ops.integrations.verl"):
             continue
         bound = namespace.get("ppo_loss", None)
         if bound is dispatch_ppo_loss:
@@ -417,9 +432,9 @@ def register() -> None:
         logger.error("hapo_ops: registering HAPO with verl failed; the HAPO estimators and "
                      "loss are NOT available", exc_info=True)
         raise
-    if os.environ.get("VERL_ENGINE_VENDOR", "") == "hapo":
+    if os.environ.get("VERL_ENGINE_VENDOR", "") == ENGINE_VENDOR:
         # this process builds its language-model engine from the vendor key "hapo"
-        from hapo_ops.integrations import verl_engine  # noqa: F401  (registers the engine)
+        from hapo_ops.integrations.verl import engine  # noqa: F401  (registers the engine)
 
         if importlib.util.find_spec("megatron") is not None and (
                 importlib.util.find_spec("megatron.core") is not None):
@@ -427,10 +442,15 @@ def register() -> None:
             from hapo_ops.integrations import verl_megatron  # noqa: F401
 
 
-register()
-
 __all__ = [
     "ESTIMATORS",
+    "check_loss_inputs",
+    "loss_inputs",
+    "micro_batch_stats",
+    "policy_loss_kwargs",
+    "policy_loss_metrics",
+    "set_global_batch_info",
+    "verl_extra_terms",
     "HAPOPolicyLossConfig",
     "VERL_PPO_LOSS",
     "compute_hapo_tlga_advantage",
