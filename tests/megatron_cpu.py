@@ -237,7 +237,7 @@ def build_engine(model_path: str, *, tp: int, data_format: str = "thd", pp: int 
     from verl.workers.config import HFModelConfig, McoreEngineConfig, McoreOptimizerConfig
     from verl.workers.engine import EngineRegistry
 
-    from hapo_ops.integrations import verl_megatron  # noqa: F401  (registers the engine)
+    from hapo_ops.integrations.verl import megatron_engine  # noqa: F401  (registers it)
 
     os.environ["VERL_ENGINE_VENDOR"] = "hapo"
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # the registry key verl uses on a GPU machine
@@ -269,7 +269,7 @@ def rank_infer(rank: int, world: int, model_path: str, data_format: str, seed: i
                tp: int = 2, pp: int = 1) -> dict:
     """The old-log-prob pass (verl's ``infer_batch``) of the engine on one batch; the
     outputs as (values, offsets) and the engine's batch statistics."""
-    from hapo_ops.integrations.verl_engine import ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY
+    from hapo_ops.integrations.verl.wire import ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY
 
     engine = build_engine(model_path, tp=tp, pp=pp, data_format=data_format)
     engine.hapo_batch_stats = None
@@ -305,7 +305,7 @@ def rank_backward(rank: int, world: int, model_path: str, data_format: str, seed
     gradients of this rank's output-layer shard, embedding shard and final norm."""
     from verl.workers.utils.padding import no_padding_2_padding
 
-    from hapo_ops.integrations.verl_engine import ROLLOUT_STATS_KEY
+    from hapo_ops.integrations.verl.wire import ROLLOUT_STATS_KEY
 
     engine = build_engine(model_path, tp=tp, data_format=data_format)
     model = engine.module[0]

@@ -58,7 +58,7 @@ def _h_hat(entropy, pivot, log_max, log_min, eps=1e-8):
 def _stats_rows(reference, base_temperature, tau):
     """Per-sample statistics inside the range of the reference's log-entropies, so that ĥ
     spreads over (-1, 1) without saturating for most tokens; sample 0 has none (T_base)."""
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     ell = torch.cat([torch.log(_entropy(z)) for z, _ in reference])
     lo, hi = ell.min().item(), ell.max().item()
@@ -82,7 +82,7 @@ def _per_sequence(flat):
 
 
 def _check(out, reference, rows):
-    from hapo_ops.integrations.verl_engine import TOKEN_TEMPERATURE_KEY
+    from hapo_ops.integrations.verl.wire import TOKEN_TEMPERATURE_KEY
 
     temperatures = _per_sequence(out[TOKEN_TEMPERATURE_KEY])
     for i, ((z, labels), logp, entropy, temperature) in enumerate(zip(
@@ -114,7 +114,7 @@ def test_tp2_entropy_logprobs_and_temperature_against_the_reference(model_path, 
     the T = 1 entropy, T_t = T_base·(1 + τ·ĥ_t) and the log-probs at T_t equal the float64
     reference; the batch statistics (response tokens) are those of the reference entropies;
     T_t is the FSDP engine's rule applied to the returned entropy, bit for bit."""
-    from hapo_ops.integrations import verl_engine
+    from hapo_ops.integrations.verl import engine as verl_engine
 
     td = megatron_cpu.engine_batch(seed=3, temperature=0.9)
     reference = _reference(model_path, td)
@@ -140,7 +140,7 @@ def test_stored_temperature_and_validation(model_path):
     """A batch that carries T_t (the update, the reference model) is scored at it, whatever
     statistics ride along: the log-probs of the old-log-prob pass again, exactly. Without
     statistics (validation) the log-probs are at verl's temperature, the entropy at T = 1."""
-    from hapo_ops.integrations.verl_engine import TOKEN_TEMPERATURE_KEY
+    from hapo_ops.integrations.verl.wire import TOKEN_TEMPERATURE_KEY
 
     td = megatron_cpu.engine_batch(seed=4, temperature=0.8)
     reference = _reference(model_path, td)
@@ -212,11 +212,32 @@ def test_backward_through_verls_megatron_schedule_gives_the_reference_gradient(m
 def test_refusals_are_named():
     """verl's fused kernels (no logits), top-k distillation and Σπ² raise, naming the
     setting."""
-    from hapo_ops.integrations import verl_megatron
+    from hapo_ops.integrations.verl import megatron_engine
 
     for flags, match in (({"use_fused_kernels": True}, "use_fused_kernels=False"),
                          ({"distillation_use_topk": True}, "top-k distillation"),
                          ({"calculate_sum_pi_squared": True}, "sum_pi_squared")):
         with pytest.raises(NotImplementedError, match=match):
-            verl_megatron.refuse_unsupported(**flags)
-    verl_megatron.refuse_unsupported()  # nothing asked: nothing refused
+            megatron_engine.refuse_unsupported(**flags)
+    megatron_engine.refuse_unsupported()  # nothing asked: nothing refused
+
+
+def test_import_verl_with_the_hapo_vendor_registers_the_megatron_engine():
+    """The plugin: a fresh interpreter with VERL_ENGINE_VENDOR=hapo that only imports verl
+    gets HAPO's engine for the megatron backend (and still the FSDP one for fsdp2)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import verl\n"
+            "from verl.workers.engine import EngineRegistry\n"
+            "for backend in ('megatron', 'fsdp2'):\n"
+            "    cls = EngineRegistry.get_engine_cls('language_model', backend)\n"
+            "    print(cls.__module__ + '.' + cls.__name__)\n")
+    env = {**os.environ, "VERL_ENGINE_VENDOR": "hapo", "VERL_ENGINE_DEVICE": "cuda"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "hapo_ops.integrations.verl.megatron_engine.HAPOMegatronEngineWithLMHead",
+        "hapo_ops.integrations.verl.engine.HAPOFSDPEngineWithLMHead"]

@@ -18,6 +18,8 @@ Modules, each importing only those above it:
   :func:`hapo_loss` and the loss dispatcher;
 - :mod:`~hapo_ops.integrations.verl.engine`: HAPO's FSDP engine (exact T = 1 entropy,
   per-token temperature);
+- :mod:`~hapo_ops.integrations.verl.megatron_engine`: the same for verl's Megatron strategy,
+  on the tensor-parallel vocabulary shards (imported where megatron-core is installed);
 - :mod:`~hapo_ops.integrations.verl.rollout`: the agent-loop manager and agent loop that
   carry the statistics into vLLM requests, and the ``rollout/hapo/*`` metrics.
 """

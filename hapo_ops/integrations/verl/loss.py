@@ -439,7 +439,7 @@ def register() -> None:
         if importlib.util.find_spec("megatron") is not None and (
                 importlib.util.find_spec("megatron.core") is not None):
             # and its Megatron engine, where megatron-core is installed
-            from hapo_ops.integrations import verl_megatron  # noqa: F401
+            from hapo_ops.integrations.verl import megatron_engine  # noqa: F401
 
 
 __all__ = [

@@ -7,15 +7,16 @@ T_t = T_base·(1 + τ·ĥ_t) while sampling). Read against verl 0.9.1
 ``verl.models.mcore.model_forward.gptmodel_forward_model_engine``) and megatron-core 0.19.
 
 :class:`HAPOMegatronEngineWithLMHead` is verl's Megatron language-model engine with the
-contract of the FSDP one (:class:`~hapo_ops.integrations.verl_engine.HAPOFSDPEngineWithLMHead`):
+contract of the FSDP one (:class:`~hapo_ops.integrations.verl.engine.HAPOFSDPEngineWithLMHead`):
 
 - ``entropy``: the entropy of softmax(z) at T = 1 (float32), whatever the rollout
   temperature. verl's own Megatron engine divides the logits by the sample's temperature
   before its ``vocab_parallel_entropy``, so its entropy is at T_sample;
 - ``log_probs``: log softmax(z / T_t) of the next token at T_t = T_base·(1 + τ·ĥ_t), with the
   statistics, τ, T_base and variant of the rollout read per sample from
-  ``hapo_rollout_stats`` (:data:`~hapo_ops.integrations.verl_engine.ROLLOUT_STATS_KEY`),
-  through the FSDP engine's own rule (:func:`~hapo_ops.integrations.verl_engine.token_temperature`);
+  ``hapo_rollout_stats`` (:data:`~hapo_ops.integrations.verl.wire.ROLLOUT_STATS_KEY`, decoded
+  once per batch), through the FSDP engine's own rule
+  (:func:`~hapo_ops.integrations.verl.engine.token_temperature`);
 - ``hapo_token_temperature``: T_t per token, which verl stores with the batch when it computes
   the old log-probs, so that the reference model and every update use the same temperatures;
   a batch that carries it is scored at those temperatures.
@@ -23,8 +24,8 @@ contract of the FSDP one (:class:`~hapo_ops.integrations.verl_engine.HAPOFSDPEng
 Without statistics (validation, a rollout without HAPO) the log-probs are at verl's own
 per-sample temperature, the entropy still at T = 1. On the old-log-prob pass of a HAPO
 batch the engine also keeps, as ``hapo_batch_stats``, the statistics of the T = 1
-entropies of the response tokens over the data-parallel ranks, and publishes them for the
-next rollout, as the FSDP engine does.
+entropies of the response tokens over the data-parallel ranks (on the last pipeline stage),
+and publishes them for the next rollout, as the FSDP engine does.
 
 The logits Megatron hands to verl's hook ``_lm_head_logits_processor`` are this rank's
 contiguous slice of the vocabulary (its output layer is column-parallel);
@@ -50,16 +51,20 @@ module where megatron-core is installed).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 import hapo_ops
-from hapo_ops.integrations.verl_engine import (ENGINE_VENDOR, ROLLOUT_STATS_FIELDS,
-                                               ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY,
-                                               token_temperature)
+from hapo_ops.integrations.verl.board import publish_entropy_stats
+from hapo_ops.integrations.verl.engine import token_temperature
+from hapo_ops.integrations.verl.settings import ENGINE_VENDOR
+from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY, column,
+                                             dense_stats_rows, row_settings)
 
 try:
+    import ray
     from megatron.core import parallel_state as mpu
     from verl.models.mcore.util import preprocess_bshd_engine, preprocess_thd_engine
     from verl.utils import tensordict_utils as tu
@@ -69,8 +74,10 @@ try:
     from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
     from verl.workers.utils.padding import no_padding_2_padding
 except ImportError as exc:  # pragma: no cover - exercised only without verl / megatron-core
-    raise ImportError("hapo_ops.integrations.verl_megatron needs verl and megatron-core: "
+    raise ImportError("hapo_ops.integrations.verl.megatron_engine needs verl and megatron-core: "
                       "pip install 'hapo-ops[verl]' megatron-core mbridge") from exc
+
+logger = logging.getLogger(__name__)
 
 
 def refuse_unsupported(*, use_fused_kernels: bool = False, distillation_use_topk: bool = False,
@@ -94,25 +101,55 @@ class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
     """verl's Megatron language-model engine with the T = 1 entropy and per-token
     temperature computed by hapo-ops on the vocabulary shards (module docstring)."""
 
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        """verl's pass over the micro-batches, with the statistics rows decoded once per
+        batch: made dense (TransferQueue returns them nested) and their settings (τ, T_base,
+        eps, variant: one host read) kept for every micro-batch."""
+        self.hapo_batch_settings = None
+        if ROLLOUT_STATS_KEY in data.keys() and TOKEN_TEMPERATURE_KEY not in data.keys():
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
+            data[ROLLOUT_STATS_KEY] = rows
+            self.hapo_batch_settings = row_settings(rows)
+        try:
+            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        finally:
+            self.hapo_batch_settings = None
+
     def infer_batch(self, data, loss_function=None):
         """verl's forward-only pass; on the old-log-prob pass of a HAPO batch (statistics
         present, no stored T_t), on the last pipeline stage, also the statistics of the T = 1
         entropies of its response tokens over the data-parallel ranks (quantile and eps from
-        the batch), kept as ``hapo_batch_stats`` and published for the next rollout
-        (:func:`hapo_ops.integrations.verl_rollout.publish_entropy_stats`)."""
+        the batch), kept as ``hapo_batch_stats`` (with ``hapo_batch_step``) and published for
+        the next rollout by the first tensor-parallel, context-parallel and data-parallel rank
+        of that stage (:func:`hapo_ops.integrations.verl.board.publish_entropy_stats`)."""
         keys = data.keys()
         collect = ROLLOUT_STATS_KEY in keys and TOKEN_TEMPERATURE_KEY not in keys
         outputs = super().infer_batch(data, loss_function)
         if collect and mpu.is_pipeline_last_stage(ignore_virtual=True):
-            self.hapo_batch_stats = self._response_entropy_stats(outputs, data)
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
+            self.hapo_batch_stats = self._response_entropy_stats(outputs, data, rows)
+            self.hapo_batch_step = int(column(rows, "step").max())
             if self.is_mp_src_rank_with_outputs() and self.get_data_parallel_rank() == 0:
-                from hapo_ops.integrations.verl_rollout import publish_entropy_stats
-
-                publish_entropy_stats(self.hapo_batch_stats)
+                self.publish_stats()
         return outputs
 
-    def _response_entropy_stats(self, outputs: dict, data) -> hapo_ops.EntropyStats:
-        rows = data[ROLLOUT_STATS_KEY].to(torch.float32)
+    def publish_stats(self) -> None:
+        """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
+        outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
+        :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
+        if not ray.is_initialized():
+            logger.error("hapo_ops: the entropy statistics of step %d are not published: Ray is "
+                         "not running (no HAPO rollout to feed)", self.hapo_batch_step)
+            return
+        publish_entropy_stats(self.hapo_batch_stats, self.hapo_batch_step,
+                              board=getattr(self, "hapo_stats_board", None))
+
+    def _response_entropy_stats(self, outputs: dict, data, rows: torch.Tensor
+                                ) -> hapo_ops.EntropyStats:
+        """:func:`hapo_ops.entropy_stats` of the T = 1 entropies of the response tokens (the
+        engine's output, gathered over context parallelism by verl), pooled over the
+        data-parallel group."""
+        settings = row_settings(rows)
         entropy = outputs.get("model_output", {}).get("entropy", None)
         if entropy is None:  # calculate_entropy unset: no T = 1 entropies on this pass
             values = torch.zeros(0, dtype=torch.float32, device=rows.device)
@@ -123,10 +160,8 @@ class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
         group = None
         if torch.distributed.is_initialized() and self.get_data_parallel_size() > 1:
             group = self.get_data_parallel_group()
-        return hapo_ops.entropy_stats(
-            values, torch.ones_like(values, dtype=torch.bool),
-            quantile=float(rows[0, 7]) if len(rows) else 0.8,
-            eps=float(rows[0, 5]) if len(rows) else 1e-8, group=group)
+        return hapo_ops.entropy_stats(values, torch.ones_like(values, dtype=torch.bool),
+                                      quantile=settings.quantile, eps=settings.eps, group=group)
 
     def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):
         refuse_unsupported(use_fused_kernels=bool(self.engine_config.use_fused_kernels))
@@ -162,15 +197,13 @@ class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
             stored = batch[TOKEN_TEMPERATURE_KEY].to(torch.float32)
             values = self._token_layout(stored, batch, data_format).to(label.device)
         elif ROLLOUT_STATS_KEY in keys:
-            rows = batch[ROLLOUT_STATS_KEY].to(torch.float32)
-            if rows.dim() != 2 or rows.shape[-1] != len(ROLLOUT_STATS_FIELDS):
-                raise ValueError(f"{ROLLOUT_STATS_KEY} must have shape (batch, "
-                                 f"{len(ROLLOUT_STATS_FIELDS)}), got {tuple(rows.shape)}")
+            rows = dense_stats_rows(batch[ROLLOUT_STATS_KEY])  # dense already: no copy
             sample = torch.arange(rows.shape[0], device=rows.device)
             token_sample = self._token_layout(verl_F.expand_as_nested(sample, batch["input_ids"]),
                                               batch, data_format)
             token_rows = rows[token_sample.reshape(-1).long()].to(label.device)
-            values = token_temperature(entropy_t1.detach().reshape(-1), token_rows)
+            values = token_temperature(entropy_t1.detach().reshape(-1), token_rows,
+                                       getattr(self, "hapo_batch_settings", None))
             values = values.reshape(label.shape)
         else:
             values = temperature.to(torch.float32)
