@@ -114,6 +114,8 @@ def install_cpu_shims() -> None:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     # RoPE and mbridge ask for the current CUDA device.
     torch.cuda.current_device = lambda: "cpu"
+    # Megatron's pipeline send/receive synchronises the GPU around its shape exchange.
+    torch.cuda.synchronize = lambda *a, **k: None
     # mbridge moves the built model to the GPU.
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
@@ -233,6 +235,12 @@ def build_engine(model_path: str, *, tp: int, data_format: str = "thd", pp: int 
     if key in _ENGINES:
         return _ENGINES[key]
     install_cpu_shims()
+    from megatron.core import parallel_state as mpu
+    if mpu.is_initialized() and (mpu.get_tensor_model_parallel_world_size() != tp
+                                 or mpu.get_pipeline_model_parallel_world_size() != pp):
+        # another layout on this process before: verl builds Megatron's groups anew
+        mpu.destroy_model_parallel()
+        _ENGINES.clear()
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import HFModelConfig, McoreEngineConfig, McoreOptimizerConfig
     from verl.workers.engine import EngineRegistry
@@ -299,15 +307,16 @@ def response_weights(seed: int, td) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_backward(rank: int, world: int, model_path: str, data_format: str, seed: int,
-                  rows: torch.Tensor, temperature: float, tp: int = 2) -> dict:
+                  rows: torch.Tensor, temperature: float, tp: int = 2, pp: int = 1) -> dict:
     """One forward and backward through verl's ``forward_backward_batch`` (Megatron's
     schedule, two micro-batches) of the loss Σ a·logp + b·H over the response tokens; the
-    gradients of this rank's output-layer shard, embedding shard and final norm."""
+    gradients of this rank's output-layer shard, embedding shard and final norm (those its
+    pipeline stage holds)."""
     from verl.workers.utils.padding import no_padding_2_padding
 
     from hapo_ops.integrations.verl.wire import ROLLOUT_STATS_KEY
 
-    engine = build_engine(model_path, tp=tp, data_format=data_format)
+    engine = build_engine(model_path, tp=tp, pp=pp, data_format=data_format)
     model = engine.module[0]
     for p in model.parameters():
         p.grad = None
@@ -328,4 +337,4 @@ def rank_backward(rank: int, world: int, model_path: str, data_format: str, seed
     named = dict(model.named_parameters())
     return {name: named[name].grad.detach().clone() for name in
             ("output_layer.weight", "embedding.word_embeddings.weight",
-             "decoder.final_layernorm.weight")}
+             "decoder.final_layernorm.weight") if name in named}

@@ -136,6 +136,21 @@ def test_tp2_entropy_logprobs_and_temperature_against_the_reference(model_path, 
         torch.testing.assert_close(outs[0][key][0], outs[1][key][0], rtol=0, atol=0)
 
 
+def test_pipeline_parallel_last_stage(model_path):
+    """PP = 2 (verl's pipelined Megatron schedule, gloo send/receive): the last stage returns
+    the outputs, equal to the reference, and keeps the batch statistics; the first stage
+    has neither."""
+    td = megatron_cpu.engine_batch(seed=3, temperature=0.9)
+    reference = _reference(model_path, td)
+    rows = _stats_rows(reference, base_temperature=0.9, tau=0.4)
+    first, last = run_ranks(megatron_cpu.rank_infer, 2, model_path, "thd", 3, rows, 0.9, None,
+                            1, 2)
+    assert first["stats"] is None and "log_probs" not in first
+    _check(last, reference, rows)
+    for got, want in zip(last["stats"], _response_stats(reference, td)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
+
+
 def test_stored_temperature_and_validation(model_path):
     """A batch that carries T_t (the update, the reference model) is scored at it, whatever
     statistics ride along: the log-probs of the old-log-prob pass again, exactly. Without
@@ -168,17 +183,19 @@ def test_stored_temperature_and_validation(model_path):
             assert torch.all(temperature[:n] == 0.8)
 
 
-def test_backward_through_verls_megatron_schedule_gives_the_reference_gradient(model_path):
-    """verl's forward_backward_batch (Megatron's schedule, two micro-batches) of
-    Σ a·logp(T_t) + b·H(T = 1) over the response tokens: each rank's gradient of its
-    output-layer and embedding shards is its slice of the reference gradient, the final
-    norm's is the whole of it."""
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_backward_through_verls_megatron_schedule_gives_the_reference_gradient(model_path, tp, pp):
+    """verl's forward_backward_batch (Megatron's schedule, two micro-batches; with PP = 2
+    its pipelined schedule) of Σ a·logp(T_t) + b·H(T = 1) over the response tokens: each
+    rank's gradient of its output-layer and embedding shards is its slice of the reference
+    gradient, the final norm's is the whole of it (PP: the first stage holds the embedding,
+    the last the norm and output layer)."""
     from transformers import AutoModelForCausalLM
 
     td = megatron_cpu.engine_batch(seed=5, temperature=1.0)
     reference = _reference(model_path, td)
     rows = _stats_rows(reference, base_temperature=1.0, tau=0.4)
-    grads = run_ranks(megatron_cpu.rank_backward, TP, model_path, "thd", 5, rows, 1.0)
+    grads = run_ranks(megatron_cpu.rank_backward, 2, model_path, "thd", 5, rows, 1.0, tp, pp)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager",
                                                  dtype=torch.float64)
@@ -195,13 +212,21 @@ def test_backward_through_verls_megatron_schedule_gives_the_reference_gradient(m
         loss = loss + (a_all[i, :n_response] * logp + b_all[i, :n_response] * entropy).sum()
     loss.backward()
     params = dict(model.named_parameters())
-    shard = megatron_cpu.VOCAB // TP
+    shard = megatron_cpu.VOCAB // tp
+    held = [set(got) for got in grads]
+    if pp == 2:  # the stages' parameters
+        assert held == [{"embedding.word_embeddings.weight"},
+                        {"output_layer.weight", "decoder.final_layernorm.weight"}]
+    else:
+        assert held == [set(grads[0])] * 2 and len(held[0]) == 3
     for rank, got in enumerate(grads):
-        rows_of_rank = slice(rank * shard, (rank + 1) * shard)
+        rows_of_rank = slice(rank * shard, (rank + 1) * shard) if tp == 2 else slice(None)
         for name, ref in (("output_layer.weight", params["lm_head.weight"].grad[rows_of_rank]),
                           ("embedding.word_embeddings.weight",
                            params["model.embed_tokens.weight"].grad[rows_of_rank]),
                           ("decoder.final_layernorm.weight", params["model.norm.weight"].grad)):
+            if name not in got:
+                continue
             assert ref.abs().max() > 0
             # float32 model against float64: errors relative to the gradient's scale
             torch.testing.assert_close(got[name].double(), ref, rtol=1e-3,

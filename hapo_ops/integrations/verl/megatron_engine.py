@@ -40,7 +40,8 @@ Parallelism: tensor parallel as above; pipeline parallel: the last stage compute
 runs the hook there only; the statistics are kept on the last stage's ranks); sequence
 parallel: the output layer gathers the sequence before the logits, so the hook sees the
 same logits; context parallel (also dynamic): the per-token values are sliced by verl's
-own packing, as the labels are. Refused with an error: verl's fused kernels
+own packing, as the labels are (tested on CPU: tensor and pipeline parallel 2; sequence and
+context parallel need TransformerEngine's layers). Refused with an error: verl's fused kernels
 (``use_fused_kernels``: they never materialise the logits), top-k distillation and
 ``calculate_sum_pi_squared``.
 
