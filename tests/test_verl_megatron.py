@@ -17,7 +17,9 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("mbridge")
 
 import megatron_cpu  # noqa: E402
+import test_verl_integration as fsdp_tests  # noqa: E402  (HAPO's FSDP engine on CPU)
 from distributed_harness import run_ranks  # noqa: E402
+from test_verl_integration import verl_on_cpu  # noqa: E402,F401  (fixture)
 
 TP = 2
 
@@ -149,6 +151,33 @@ def test_pipeline_parallel_last_stage(model_path):
     _check(last, reference, rows)
     for got, want in zip(last["stats"], _response_stats(reference, td)):
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
+
+
+def test_same_batch_same_token_temperature_as_the_fsdp_engine(verl_on_cpu, monkeypatch):
+    """The same batch and model through HAPO's FSDP engine (verl's real FSDP2 actor worker,
+    one process, fp32) and HAPO's Megatron engine (TP = 2): the same T_t, T = 1 entropy and
+    log-probs at T_t, up to the two models' float32 rounding."""
+    from hapo_ops.integrations.verl import engine as verl_engine
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
+    worker = fsdp_tests._actor_worker(verl_on_cpu, fsdp_tests.FP32_ENGINE)
+    assert type(worker.actor.engine) is verl_engine.HAPOFSDPEngineWithLMHead
+    td = megatron_cpu.engine_batch(seed=6, temperature=0.9)
+    reference = _reference(verl_on_cpu, td)
+    rows = _stats_rows(reference, base_temperature=0.9, tau=0.4)
+    td[verl_engine.ROLLOUT_STATS_KEY] = rows
+    fsdp = fsdp_tests._infer(worker, td, temperature=0.9)
+    megatron = run_ranks(megatron_cpu.rank_infer, TP, verl_on_cpu, "thd", 6, rows, 0.9)
+    for out in megatron:
+        for key in (verl_engine.TOKEN_TEMPERATURE_KEY, "entropy", "log_probs"):
+            values, offsets = out[key]
+            assert torch.equal(offsets, fsdp[key].offsets())
+            scored = torch.ones_like(values, dtype=torch.bool)
+            scored[offsets[1:] - 1] = False  # each sequence's last position scores no token
+            torch.testing.assert_close(values[scored], fsdp[key].values()[scored], rtol=2e-5,
+                                       atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        spread = out[verl_engine.TOKEN_TEMPERATURE_KEY][0]
+        assert spread.max() - spread.min() > 0.05
 
 
 def test_stored_temperature_and_validation(model_path):
