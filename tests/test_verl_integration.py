@@ -470,8 +470,9 @@ def _actor_config(mode="token-mean", **policy):
                            policy_loss=hapo_verl.HAPOPolicyLossConfig(**policy))
 
 
-def _actor_batch(seed=0, dp_size=1, micro_batch_size=12):
-    """The actor's mini-batch after ``_update_actor``'s conversion, split by verl."""
+def _actor_batch(seed=0, dp_size=1, micro_batch_size=12, weights=False):
+    """The actor's mini-batch after ``_update_actor``'s conversion, split by verl (with
+    ``weights``: ``rollout_is_weights`` too, NaN off the response mask)."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine.utils import prepare_micro_batches
     from verl.workers.utils.padding import left_right_2_no_padding
@@ -481,6 +482,9 @@ def _actor_batch(seed=0, dp_size=1, micro_batch_size=12):
     b, lr = response_mask.shape
     batch.batch["old_log_probs"] = -torch.rand(b, lr, generator=g) * 2.0
     batch.batch["advantages"] = torch.randn(b, 1, generator=g).expand(b, lr) * response_mask
+    if weights:
+        w = torch.rand(b, lr, generator=g) * 1.5 + 0.25
+        batch.batch["rollout_is_weights"] = torch.where(response_mask.bool(), w, float("nan"))
     td = left_right_2_no_padding(batch.to_tensordict())
     num_tokens = td["loss_mask"].sum().item() * dp_size  # as if every rank held this much
     tu.assign_non_tensor(td, batch_num_tokens=num_tokens, dp_size=dp_size,
@@ -579,6 +583,30 @@ def test_hapo_loss_aggregates_like_verls_agg_loss(mode, dp_size):
         verl_grad, = torch.autograd.grad(verl_loss, [w])
         torch.testing.assert_close(grad_w, verl_grad, rtol=1e-5, atol=1e-8)
     assert total_grad.abs().sum() > 0
+
+
+def test_hapo_loss_rollout_is_weights_go_to_the_policy_loss():
+    """rollout_is_weights are hapo_policy_loss's weights= (loss and gradient equal), and a
+    NaN weight off the response mask neither reaches the loss nor its gradient."""
+    batch, micro_batches = _actor_batch(micro_batch_size=12, weights=True)
+    mb = micro_batches[0]
+    assert "rollout_is_weights" in mb
+    w, u = _leaves()
+    config = _actor_config(hapo_alpha=0.7, hapo_beta=0.5, hapo_quantile=0.6)
+    loss, _ = hapo_verl.hapo_loss(config, _model_output(mb, w, u), mb)
+    grad_w, = torch.autograd.grad(loss, [w])
+
+    logp, entropy, mask = _padded_reference(batch, w, u)
+    weights = batch.batch["rollout_is_weights"]
+    assert torch.isnan(weights).any()
+    ref = hapo_ops.hapo_policy_loss(logp, batch.batch["old_log_probs"], batch.batch["advantages"],
+                                    entropy, mask, eps_low=0.2, eps_high=0.28, alpha=0.7,
+                                    beta=0.5, quantile=0.6, dual_clip=10.0,
+                                    weights=torch.where(mask, weights, 0.0))
+    ref_grad_w, = torch.autograd.grad(ref.loss, [w])
+    assert torch.isfinite(loss) and torch.isfinite(grad_w).all()
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-5, atol=1e-8)
 
 
 def test_hapo_loss_extra_terms_and_errors():
@@ -1278,3 +1306,27 @@ def test_hapo_engine_checkpoint_carries_the_statistics(verl_on_cpu, monkeypatch,
     for got, want in zip(fresh.actor.engine.hapo_batch_stats, saved):
         assert float(got) == float(want)
     assert "not published" in caplog.text
+
+
+def test_verl_package_modules_import_one_way():
+    """settings, wire, board, loss, engine, rollout: each module of the package imports
+    (at any depth of its code) only modules before it."""
+    import ast
+    import pathlib
+
+    order = ["settings", "wire", "board", "loss", "engine", "rollout"]
+    package = pathlib.Path(hapo_verl.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
+    for position, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "hapo_ops.integrations.verl":
+                    imported.update(alias.name for alias in node.names)
+                elif node.module.startswith("hapo_ops.integrations.verl."):
+                    imported.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                imported.update(a.name.rsplit(".", 1)[1] for a in node.names
+                                if a.name.startswith("hapo_ops.integrations.verl."))
+        assert imported <= set(order[:position]), (name, imported - set(order[:position]))

@@ -70,3 +70,45 @@ def test_statistics_published_by_one_worker_are_read_by_another(local_ray):
     ray.get(publish.remote((0.25, 1.5, -2.0)))
     assert ray.get(read.remote()) == (0.25, 1.5, -2.0, 1)
     ray.kill(runner)
+
+
+def test_step_metrics_read_from_transfer_queue(local_ray):
+    """The manager's rollout/hapo/* metrics of a training batch stored in a real
+    TransferQueue (rows come back nested; T_t over the response tokens only), and verl's
+    v1 trainer's metrics method wrapped to add them."""
+    import transfer_queue as tq
+    from tensordict import TensorDict
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from hapo_ops.integrations.verl.rollout import HAPOAgentLoopManager
+    from hapo_ops.integrations.verl.settings import RolloutSettings
+    from hapo_ops.integrations.verl.wire import encode_row
+
+    config = _compose(DOCUMENTED_OVERRIDES + DOCUMENTED_ENGINE_AND_ROLLOUT + SMALL_RUN + [
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1"])
+    manager = HAPOAgentLoopManager(config=config, llm_client=None)
+    assert PPOTrainer._compute_metrics.__wrapped__ is not None
+    tq.init(config.transfer_queue)
+    try:
+        settings = RolloutSettings(tau=0.5, base_temperature=1.0, variant="paper", eps=1e-8,
+                                   quantile=0.8)
+        rows = torch.stack([encode_row((0.1, 1.0, -1.0), settings, step=3, stats_step=2)] * 2)
+        # whole sequences (prompt 2 + response 3 and 2 tokens); T_t of the response tokens at
+        # positions [1, 4) and [1, 3) (each output scores the next token)
+        temperature = torch.nested.as_nested_tensor(
+            [torch.tensor([9.0, 0.7, 1.2, 1.1, 9.0]), torch.tensor([9.0, 0.9, 1.3, 9.0])],
+            layout=torch.jagged)
+        response_mask = torch.nested.as_nested_tensor(
+            [torch.tensor([1, 1, 1]), torch.tensor([1, 1])], layout=torch.jagged)
+        fields = TensorDict({"hapo_rollout_stats": rows, "hapo_token_temperature": temperature,
+                             "response_mask": response_mask}, batch_size=[2])
+        meta = tq.kv_batch_put(keys=["a", "b"], partition_id="train", fields=fields)
+        got = manager.step_metrics(meta)
+        assert got["rollout/hapo/temperature_min"] == pytest.approx(0.7)
+        assert got["rollout/hapo/temperature_max"] == pytest.approx(1.3)
+        assert got["rollout/hapo/temperature_mean"] == pytest.approx((0.7 + 1.2 + 1.1 + 0.9 + 1.3) / 5)
+        assert got["rollout/hapo/has_stats"] == 1.0 and got["rollout/hapo/stats_age"] == 1.0
+        assert got["rollout/hapo/stats_errors"] == 0.0
+        tq.kv_clear(keys=["a", "b"], partition_id="train")
+    finally:
+        tq.close()

@@ -3,8 +3,9 @@
 Source: HAPO, arXiv 2509.16591. This package is the entry point of verl's plugin group
 ``verl.plugins`` (``hapo_ops = "hapo_ops.integrations.verl"``): ``import verl`` imports it in
 every process and :func:`register` (run at import) registers the advantage estimators
-``hapo_tlga`` / ``hapo_tlga_released`` and the actor-loss dispatcher, and imports HAPO's
-engine where ``VERL_ENGINE_VENDOR=hapo``. See :mod:`hapo_ops.integrations.verl.loss`.
+``hapo_tlga`` / ``hapo_tlga_released`` and the actor-loss dispatcher; where
+``VERL_ENGINE_VENDOR=hapo`` it also imports :mod:`~hapo_ops.integrations.verl.engine`, which
+registers HAPO's engine. See :mod:`hapo_ops.integrations.verl.loss`.
 
 Modules, each importing only those above it:
 
@@ -34,7 +35,21 @@ from hapo_ops.integrations.verl.loss import (ESTIMATORS, VERL_PPO_LOSS, HAPOPoli
                                              register_advantage_estimators, set_global_batch_info,
                                              verl_extra_terms)
 
+import logging as _logging
+import os as _os
+
+from hapo_ops.integrations.verl.settings import ENGINE_VENDOR as _ENGINE_VENDOR
+
 register()
+if _os.environ.get("VERL_ENGINE_VENDOR", "") == _ENGINE_VENDOR:
+    # this process builds its language-model engine from the vendor key "hapo"
+    try:
+        from hapo_ops.integrations.verl import engine  # noqa: F401  (registers the engine)
+    except Exception:
+        _logging.getLogger(__name__).error(
+            "hapo_ops: VERL_ENGINE_VENDOR=hapo but HAPO's verl engine could not be registered",
+            exc_info=True)
+        raise
 
 __all__ = [
     "ESTIMATORS",

@@ -34,7 +34,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -44,8 +43,8 @@ import torch
 
 import hapo_ops
 from hapo_ops.entropy.signal import EntropyStats
-from hapo_ops.integrations.verl.settings import (DEFAULTS, ENGINE_VENDOR, check_hapo_params,
-                                                 config_value, hapo_param)
+from hapo_ops.integrations.verl.settings import (DEFAULTS, check_hapo_params, config_value,
+                                                 hapo_param)
 
 try:
     from verl.trainer.ppo import core_algos
@@ -432,9 +431,6 @@ def register() -> None:
         logger.error("hapo_ops: registering HAPO with verl failed; the HAPO estimators and "
                      "loss are NOT available", exc_info=True)
         raise
-    if os.environ.get("VERL_ENGINE_VENDOR", "") == ENGINE_VENDOR:
-        # this process builds its language-model engine from the vendor key "hapo"
-        from hapo_ops.integrations.verl import engine  # noqa: F401  (registers the engine)
 
         if importlib.util.find_spec("megatron") is not None and (
                 importlib.util.find_spec("megatron.core") is not None):

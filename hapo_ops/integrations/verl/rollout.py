@@ -45,7 +45,6 @@ from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_KEY, TOKEN_TEMPERATUR
 from hapo_ops.integrations.vllm import EXTRA_ARGS_KEY
 
 try:
-    import ray  # noqa: F401  (the board's transport)
     from verl.experimental.agent_loop.agent_loop import register
     from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
     from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
@@ -173,23 +172,27 @@ class HAPOAgentLoopManager(AgentLoopManagerTQ):
 
     def step_metrics(self, batch: Any) -> dict[str, float]:
         """``rollout/hapo/*`` of a training step's batch (a TransferQueue ``KVBatchMeta``),
-        read from TransferQueue, plus ``rollout/hapo/stats_errors``; a failure to read is
-        logged at ERROR and counted."""
+        read from TransferQueue (the rows, then T_t and the response mask), plus
+        ``rollout/hapo/stats_errors``; a failure to read is logged at ERROR and counted, and
+        the metrics that could be read are still returned."""
         import transfer_queue as tq
+        from verl.workers.utils.padding import response_from_nested
 
+        def get(fields):
+            return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=fields)
+
+        metrics: dict[str, float] = {}
         try:
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                                   select_fields=[ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY,
-                                                  "response_mask"])
-            from verl.workers.utils.padding import response_from_nested
-
+            rows = get([ROLLOUT_STATS_KEY])[ROLLOUT_STATS_KEY]
+            metrics.update(rollout_metrics(rows))
+            data = get([TOKEN_TEMPERATURE_KEY, "response_mask"])
             temperature = response_from_nested(data[TOKEN_TEMPERATURE_KEY], data["response_mask"])
-            metrics = rollout_metrics(data[ROLLOUT_STATS_KEY], temperature, data["response_mask"])
+            metrics.update(rollout_metrics(rows, temperature, data["response_mask"]))
         except Exception:
             self.stats_errors += 1
             logger.error("hapo_ops: the rollout/hapo metrics of this step could not be read "
                          "(%d failures so far)", self.stats_errors, exc_info=True)
-            metrics = {}
         metrics["rollout/hapo/stats_errors"] = float(self.stats_errors)
         return metrics
 

@@ -10,7 +10,7 @@ only. Imports nothing of verl.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
