@@ -31,7 +31,6 @@ here is logged at ERROR level before it propagates, so a broken install is visib
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import sys
@@ -431,11 +430,6 @@ def register() -> None:
         logger.error("hapo_ops: registering HAPO with verl failed; the HAPO estimators and "
                      "loss are NOT available", exc_info=True)
         raise
-
-        if importlib.util.find_spec("megatron") is not None and (
-                importlib.util.find_spec("megatron.core") is not None):
-            # and its Megatron engine, where megatron-core is installed
-            from hapo_ops.integrations.verl import megatron_engine  # noqa: F401
 
 
 __all__ = [
