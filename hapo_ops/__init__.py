@@ -7,6 +7,7 @@ Quick start::
     adv = hapo_ops.token_level_group_advantages(rewards, group_ids, mask)
     out = hapo_ops.hapo_policy_loss(logp, old_logp, adv, H, mask)
     out.loss.backward()
+    stats = hapo_ops.entropy_stats(H.detach(), mask)   # for the next rollout's temperature
 
 Every public op is a pure function exported here; each docstring gives its formula and
 source. The subpackages show the layers, each importing only the ones before it:

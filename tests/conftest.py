@@ -9,8 +9,19 @@ the seed of a failure), so a CI run is reproducible.
 
 import importlib.util
 import os
+import sys
 
 from hypothesis import settings
+
+# The repository's kernels/ folder (shipped as hapo_ops.kernels) is also a top-level package
+# named "kernels" while the repository root is on sys.path, as `python -m pytest` run from
+# the root puts it there; it then shadows Hugging Face's `kernels` package, which
+# transformers 5 imports when it is installed (`from kernels import CUDAProperties`), and
+# every transformers test fails at import. Keep the root on the path, after the installed
+# packages.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_root_entries = [p for p in sys.path if os.path.abspath(p or os.curdir) == ROOT]
+sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON and os.environ.get("HAPO_TEST_CUDA") != "1":

@@ -488,6 +488,19 @@ def test_redistribute_rejects_bad_input():
         redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=-0.1)
 
 
+@pytest.mark.parametrize("beta", [3.0, 1.0 + 1e-9, -0.5, -1e-12, float("nan"), float("inf")])
+def test_redistribute_rejects_beta_outside_unit_interval(beta):
+    """β ∈ [0, 1]: beyond 1 the scale 1 + β·ĥ flips an advantage's sign (A = 1, ĥ = -1,
+    r = 1, β = 3 would give -2); below 0 it reverses the redistribution. The error names
+    beta; the ends 0 and 1 are accepted."""
+    adv, h, r = torch.ones(1, 1), -torch.ones(1, 1), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="beta"):
+        redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=0.2, beta=beta)
+    for ok in (0.0, 1.0):
+        out = redistribute_advantages(adv, h, r, eps_low=0.2, eps_high=0.2, beta=ok)
+        assert float(out) == 1.0 - ok
+
+
 @pytest.mark.parametrize("bad", [1.5, -1.0001, float("inf"), float("-inf")])
 def test_redistribute_rejects_h_hat_outside_unit_interval(bad):
     """ĥ ∈ [-1, 1] (so that 1 + β·ĥ ≥ 0 for β ≤ 1): anything else is an error on CPU, naming

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hapo_ops.rl.companion_losses import (cispo_policy_loss, clip_cov_policy_loss,
                                        gspo_policy_loss, kl_cov_policy_loss)
 from hapo_ops.rl.losses import AGGREGATION_MODES
+import hapo_ops
 from distributed_harness import run_ranks
 
 SETTINGS = dict(derandomize=True, deadline=None, max_examples=25)
@@ -698,6 +699,71 @@ def _dp_worker(rank, world):
     out["empty"] = clip_cov_policy_loss(lp[lo:hi], old[lo:hi], adv[lo:hi],
                                         torch.zeros_like(mask[lo:hi]), seed=0, group=group).loss
     return out
+
+
+def _empty_rank_inputs():
+    """World 2's inputs, with an entropy per token, for ranks 0 and 2 of a world of 3."""
+    rows, lp, old, adv, mask = _dp_inputs(2)
+    entropy = torch.exp(-4.0 * torch.rand(lp.shape, generator=torch.Generator().manual_seed(5)))
+    return rows, lp, old, adv, mask, entropy
+
+
+def _empty_rank_worker(rank, world, empty_shape):
+    """Rank 1 of 3 holds an empty batch, (0, L) or (B, 0), and still joins every
+    collective; ranks 0 and 2 hold world 2's shards."""
+    group = dist.group.WORLD
+    rows, *tensors = _empty_rank_inputs()
+    if rank == 1:
+        lp, old, entropy = (torch.zeros(empty_shape) for _ in range(3))
+        adv, mask = torch.zeros(empty_shape[:1]), torch.ones(empty_shape, dtype=torch.bool)
+    else:
+        mine = slice(0, rows[0]) if rank == 0 else slice(rows[0], None)
+        lp, old, adv, mask, entropy = (t[mine] for t in tensors)
+    num_tokens = hapo_ops.global_token_count(mask, group)
+    stats = hapo_ops.entropy_stats(entropy, mask, group=group)
+    cases = dict(DP_CASES, hapo=lambda lp, old, adv, mask, group, **kw:
+                 hapo_ops.hapo_policy_loss(lp, old, adv, entropy, mask, stats=stats, **kw))
+    out = {}
+    for name, fn in cases.items():
+        leaf = lp.clone().requires_grad_(True)
+        res = fn(leaf, old, adv, mask, group=group, num_tokens=num_tokens)
+        res.loss.backward()
+        out[name] = (res.per_token.detach(), res.loss.detach(), leaf.grad,
+                     [float(getattr(res, f)) for f in res._fields[2:-1]])
+    return out
+
+
+@pytest.mark.parametrize("empty_shape", [(0, 5), (2, 0)])
+def test_a_rank_with_an_empty_batch_joins_the_collectives(empty_shape):
+    """The reference: one process on the concatenated batch, where the empty rank's (B, 0)
+    rows count as B fully masked rows (Clip-Cov's keys number rows globally)."""
+    rows, lp, old, adv, mask, entropy = _empty_rank_inputs()
+    results = run_ranks(_empty_rank_worker, 3, empty_shape)
+    gap = empty_shape[0]
+    mine = torch.cat([torch.ones(rows[0], dtype=torch.bool), torch.zeros(gap, dtype=torch.bool),
+                      torch.ones(rows[1], dtype=torch.bool)])
+
+    def padded(t):
+        return torch.cat([t[:rows[0]], t.new_zeros((gap,) + t.shape[1:]), t[rows[0]:]])
+
+    for name in list(DP_CASES) + ["hapo"]:
+        full = padded(lp).requires_grad_(True)
+        if name == "hapo":
+            want = hapo_ops.hapo_policy_loss(full, padded(old), padded(adv), padded(entropy),
+                                             padded(mask))
+        else:
+            want = DP_CASES[name](full, padded(old), padded(adv), padded(mask))
+        want.loss.backward()
+        per_token, loss, grad, metrics = results[1][name]
+        assert per_token.shape == empty_shape and grad.shape == empty_shape, name
+        assert not grad.any() and float(loss) == 0.0, name
+        assert all(math.isfinite(m) for m in metrics), name
+        got = torch.cat([results[0][name][0], results[2][name][0]])
+        assert_elementwise(got, want.per_token.detach()[mine], *tol(got.dtype))
+        total = results[0][name][1] + results[2][name][1]
+        assert_elementwise(total, want.loss.detach(), 1e-6, 1e-5)
+        assert_elementwise(torch.cat([results[0][name][2], results[2][name][2]]),
+                           full.grad[mine], 1e-7, 1e-6)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])

@@ -7,6 +7,8 @@ tensors to the parent, which compares them with the single-process op on the who
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -55,7 +57,8 @@ def _tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
         logp, entropy = hapo_ops.logprobs_and_entropy(
             shard, labels, temperature=temperature, impl=impl, tp_group=group,
             vocab_start=vocab_start)
-        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        # logp = -inf at row 3's label (a -inf logit): its gradient is autograd's, δ_y - p
+        (w_logp * logp + w_entropy * entropy).sum().backward()
         out[impl] = (logp.detach(), entropy.detach(), shard.grad)
         # Gradient of one output only; the wrappers; a scalar temperature.
         shard2 = logits[..., start:start + sizes[rank]].clone().requires_grad_(True)
@@ -79,7 +82,7 @@ def _tp_worker(rank: int, world: int, sizes: list[int], pass_start: bool):
 def _float64_reference(logits, labels, temperature):
     s = logits.double() / temperature.double()[..., None]
     log_p = s.log_softmax(-1)
-    entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    entropy = -(log_p.exp() * torch.where(log_p.exp() > 0, log_p, 0.0)).sum(-1)
     logp = log_p.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
     return torch.where(labels == -100, 0.0, logp), entropy
 
@@ -90,11 +93,15 @@ def test_vocab_parallel_matches_unsharded(sizes, pass_start):
     results = run_ranks(_tp_worker, len(sizes), sizes, pass_start)
     logits, labels, temperature, w_logp, w_entropy = _tp_inputs(sizes)
     ref_logp64, ref_entropy64 = _float64_reference(logits, labels, temperature)
+    z64 = logits.double().requires_grad_(True)
+    logp64, entropy64 = _float64_reference(z64, labels, temperature)
+    (w_logp * logp64 + w_entropy * entropy64).sum().backward()
+    grad64 = z64.grad
     for impl in IMPLS:
         full = logits.clone().requires_grad_(True)
         logp, entropy = hapo_ops.logprobs_and_entropy(full, labels, temperature=temperature,
                                                       impl=impl)
-        (w_logp * logp.nan_to_num(neginf=0.0) + w_entropy * entropy).sum().backward()
+        (w_logp * logp + w_entropy * entropy).sum().backward()
         full2 = logits.clone().requires_grad_(True)
         hapo_ops.token_entropy(full2, impl=impl).mul(w_entropy).sum().backward()
         logp_t07 = hapo_ops.token_logprobs(logits, labels, temperature=0.7, impl=impl)
@@ -111,6 +118,7 @@ def test_vocab_parallel_matches_unsharded(sizes, pass_start):
             torch.testing.assert_close(tp_logp.double(), ref_logp64, rtol=1e-5, atol=1e-5)
         tp_grad = torch.cat([res[impl][2] for res in results], dim=-1)
         torch.testing.assert_close(tp_grad, full.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tp_grad.double(), grad64, rtol=1e-5, atol=1e-5)
         tp_grad_entropy = torch.cat([res[impl + "-entropy-only"] for res in results], dim=-1)
         torch.testing.assert_close(tp_grad_entropy, full2.grad, rtol=1e-5, atol=1e-6)
     assert all(res["raised"] for res in results)
@@ -254,6 +262,17 @@ def test_distributed_argument_errors():
                                reduce_counts=lambda t: t)
     with pytest.raises(ValueError, match="mask"):
         hapo_ops.global_token_count([])
+    # a group that is not a ProcessGroup is refused by name before any collective
+    mask = torch.ones(2, 3)
+    for call in (lambda: hapo_ops.entropy_stats(torch.rand(2, 3), mask, group="world"),
+                 lambda: hapo_ops.global_token_count(mask, group="world"),
+                 lambda: hapo_ops.global_sequence_count(mask, group="world"),
+                 lambda: hapo_ops.grpo_advantages(torch.rand(2), torch.tensor([0, 0]),
+                                                  group="world"),
+                 lambda: hapo_ops.token_level_group_advantages(
+                     torch.rand(2), torch.tensor([0, 0]), mask, group="world")):
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            call()
 
 
 # ------------------------------------------------------------------------------ TP linear head
@@ -411,6 +430,61 @@ def test_a_rank_with_an_empty_batch_gets_the_global_result(world):
     assert torch.equal(torch.cat([res["tlga"] for res in results]), tlga)
     assert torch.equal(torch.cat([res["grpo"] for res in results]), grpo)
     assert results[1]["tlga"].shape == (0, mask.shape[1])
+
+
+# ------------------------------------------------------------------------------ checks first
+
+def _bad_calls(lp, old, adv, mask, rewards, group_ids):
+    """(name the error must contain, call) for bad arguments of the ops that all-reduce."""
+    clip_cov = functools.partial(hapo_ops.clip_cov_policy_loss, lp, old, adv, mask,
+                                 group=dist.group.WORLD)
+    kl_cov = functools.partial(hapo_ops.kl_cov_policy_loss, lp, old, adv, mask,
+                               group=dist.group.WORLD)
+    return [
+        ("eps_low", lambda: clip_cov(seed=0, eps_low=-0.1)),
+        ("eps_low", lambda: clip_cov(seed=0, eps_low=torch.full(lp.shape, 1.5))),
+        ("eps_high", lambda: clip_cov(seed=0, eps_high=-0.1)),
+        ("cov_bounds", lambda: clip_cov(seed=0, cov_bounds=(5.0, 1.0))),
+        ("seed", lambda: clip_cov()),
+        ("seed", lambda: clip_cov(seed=1.5)),
+        ("num_tokens", lambda: clip_cov(seed=0, num_tokens=0)),
+        ("kl_coef", lambda: kl_cov(kl_coef=-1.0)),
+        ("normalizer", lambda: kl_cov(normalizer=-2.0)),
+        ("num_sequences", lambda: kl_cov(num_sequences=torch.tensor(0.0))),
+        ("mask", lambda: hapo_ops.grpo_advantages(rewards, group_ids, mask[:, :1].T,
+                                                  group=dist.group.WORLD)),
+    ]
+
+
+def _checks_first_worker(rank: int, world: int):
+    """Rank 0 makes every bad call, alone: each must raise before any collective (else
+    its all-reduce would pair with rank 1's next one and the group would fall out of
+    step). Then both ranks make one good call each, which must agree."""
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(4, 5, generator=g) * 2
+    old, adv = lp + 0.1 * torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    rewards, group_ids = torch.rand(4, generator=g), torch.tensor([0, 0, 1, 1])
+    errors = []
+    if rank == 0:
+        for name, call in _bad_calls(lp, old, adv, mask, rewards, group_ids):
+            try:
+                call()
+                errors.append(f"{name}: no error")
+            except (ValueError, TypeError) as error:
+                if name not in str(error):
+                    errors.append(f"{name}: {error}")
+    kl = hapo_ops.kl_cov_policy_loss(lp, old, adv, mask, cov_fraction=0.5,
+                                     group=dist.group.WORLD).per_token
+    grpo = hapo_ops.grpo_advantages(rewards, group_ids, group=dist.group.WORLD)
+    return errors, kl, grpo
+
+
+def test_a_bad_argument_raises_before_any_collective():
+    results = run_ranks(_checks_first_worker, 2)
+    assert results[0][0] == []
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][2], results[1][2])
 
 
 # ------------------------------------------------------------------------------ compile

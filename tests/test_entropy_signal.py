@@ -310,7 +310,7 @@ def test_normalized_entropy_worked_example():
     q=quantiles,
     variant=st.sampled_from(["paper", "released"]),
     base=st.floats(0.05, 3.0),
-    tau=st.floats(0.0, 0.5),
+    tau=st.floats(-0.99, 0.99),
 )
 def test_adaptive_temperature_matches_reference(batch, q, variant, base, tau):
     entropy, mask = batch
@@ -319,8 +319,11 @@ def test_adaptive_temperature_matches_reference(batch, q, variant, base, tau):
     t = adaptive_temperature(entropy, stats, base_temperature=base, tau=tau, variant=variant)
     expected = base * (1.0 + tau * ref_h_hat(entropy, pivot, lmax, lmin, variant, n_valid=n))
     t = torch.as_tensor(t).double().expand(entropy.shape)
-    torch.testing.assert_close(t, expected, rtol=0, atol=base * tau * tol(entropy.dtype) + 1e-6 * base)
-    assert torch.all(t >= base * (1 - tau) - 1e-6) and torch.all(t <= base * (1 + tau) + 1e-6)
+    torch.testing.assert_close(t, expected, rtol=0,
+                               atol=base * abs(tau) * tol(entropy.dtype) + 1e-6 * base)
+    # ĥ ∈ [-1, 1]: T within T_base·(1 ± |τ|), so positive for any |τ| < 1 (τ < 0 included)
+    assert torch.all(t >= base * (1 - abs(tau)) - 1e-6) and torch.all(t <= base * (1 + abs(tau)) + 1e-6)
+    assert torch.all(t > 0)
 
 
 def test_adaptive_temperature_defaults_and_worked_example():
@@ -333,6 +336,42 @@ def test_adaptive_temperature_defaults_and_worked_example():
     t = adaptive_temperature(entropy, stats, base_temperature=0.6, tau=0.1, variant="released")
     expected = 0.6 * (1.0 + 0.1 * torch.tensor([1.0, 0.5, 0.0, 0.25, 0.5, 1.0], dtype=torch.float64))
     torch.testing.assert_close(torch.as_tensor(t).double(), expected)
+
+
+def test_negative_tau_inverts_the_adaptation():
+    """τ < 0 is the mirror image of τ > 0 around T_base: T is lowered where ĥ > 0 (entropy
+    above the pivot) and raised where ĥ < 0."""
+    entropy = torch.exp(torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.0, 3.0], dtype=torch.float64))
+    stats = entropy_stats(entropy, torch.ones(6, dtype=torch.bool), quantile=0.5)
+    h = normalized_entropy(entropy, stats)                      # [-1, -0.5, 0, 0.25, 0.5, 1]
+    t = torch.as_tensor(adaptive_temperature(entropy, stats, base_temperature=0.8, tau=-0.3)).double()
+    torch.testing.assert_close(t, 0.8 * (1.0 - 0.3 * h.double()))
+    assert torch.all(t[h > 0] < 0.8) and torch.all(t[h < 0] > 0.8)
+    torch.testing.assert_close(t[h == 0], torch.full_like(t[h == 0], 0.8))
+    hotter = torch.as_tensor(adaptive_temperature(entropy, stats, base_temperature=0.8, tau=0.3)).double()
+    torch.testing.assert_close(t - 0.8, -(hotter - 0.8))
+    # "released": ĥ is never negative, so with τ < 0 no token samples above T_base
+    released = adaptive_temperature(entropy, stats, base_temperature=0.8, tau=-0.3, variant="released")
+    assert torch.all(released <= 0.8 + 1e-6) and torch.any(released < 0.79)
+
+
+@pytest.mark.parametrize("tau", [1.0, -1.0, 1.5, -3.0, 1.0 - 1e-9, -(1.0 - 1e-9)])
+def test_tau_that_would_let_a_temperature_reach_zero_is_refused(tau):
+    """|τ| ≥ 1 makes T = T_base·(1 + τ·ĥ) ≤ 0 at ĥ = ∓1; a τ within float32 rounding of ±1
+    does too, since T is computed in float32 (1 - 1e-9 rounds to 1)."""
+    entropy = torch.tensor([0.01, 0.5, 3.0])
+    stats = entropy_stats(entropy, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"tau must be in \(-1, 1\)"):
+        adaptive_temperature(entropy, stats, tau=tau)
+
+
+def test_tau_just_inside_the_bounds_keeps_every_temperature_positive():
+    entropy = torch.tensor([0.01, 0.5, 3.0])            # ĥ = -1, ..., 1
+    stats = entropy_stats(entropy, torch.ones(3, dtype=torch.bool))
+    largest = 1.0 - 2.0 ** -24                          # the largest float32 below 1
+    for tau in (largest, -largest, 0.999, -0.999):
+        t = adaptive_temperature(entropy, stats, tau=tau)
+        assert torch.all(t > 0) and torch.all(torch.isfinite(t)), (tau, t)
 
 
 def test_adaptive_temperature_without_stats_is_base():
@@ -440,3 +479,53 @@ def test_adaptive_temperature_dtype_does_not_depend_on_stats(dtype):
     with_stats = adaptive_temperature(entropy, stats)
     without = adaptive_temperature(entropy, None)
     assert with_stats.dtype == without.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_one_rule_for_stats_in_adaptive_temperature_and_the_vllm_helper():
+    """``stats`` is an EntropyStats or a plain tuple (pivot, log_max, log_min) of numbers or
+    tensors, in adaptive_temperature as in the vLLM helper (which needs no vLLM); a dict,
+    a list, a tuple of another length or with a non-number are refused by both, naming
+    stats."""
+    from hapo_ops import EntropyStats
+    from hapo_ops.integrations.vllm import parse_sampling_args, sampling_extra_args
+
+    entropy = torch.tensor([0.01, 0.3, 2.0])
+    given = EntropyStats(*torch.tensor([-1.0, 1.0, -4.0]))
+    want = adaptive_temperature(entropy, given, tau=0.3)
+    for stats in (given, tuple(given), (-1.0, 1.0, -4.0), (-1, 1, -4)):
+        torch.testing.assert_close(adaptive_temperature(entropy, stats, tau=0.3), want)
+        args = parse_sampling_args(sampling_extra_args(stats, tau=0.3))
+        torch.testing.assert_close(adaptive_temperature(entropy, args.stats(), tau=args.tau),
+                                   want)
+    for bad in (given._asdict(), list(given), (-1.0, 1.0), (-1.0, "1.0", -4.0),
+                (-1.0, True, -4.0), (-1.0, torch.tensor(1), -4.0)):
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            adaptive_temperature(entropy, bad)
+        with pytest.raises(TypeError, match=r"stats.*(EntropyStats or a tuple|float)"):
+            sampling_extra_args(bad)
+
+
+def test_adaptive_temperature_takes_per_token_settings():
+    """tau, base_temperature and eps may be tensors (one per token, as the vLLM processor
+    has one per request): each token gets exactly the temperature of a call with its own
+    floats; out-of-range tensor values are refused on CPU naming the argument."""
+    g = torch.Generator().manual_seed(3)
+    entropy = torch.rand(6, generator=g) ** 3 * 4
+    stats = entropy_stats(torch.rand(50, generator=g) * 3, torch.ones(50))
+    tau = torch.tensor([-0.9, -0.2, 0.0, 0.1, 0.5, 0.95])
+    base = torch.tensor([0.3, 0.7, 1.0, 1.2, 2.0, 0.9])
+    eps = torch.tensor([1e-8, 1e-6, 1e-3, 0.5, 1e-8, 2.0])
+    for variant in ("paper", "released"):
+        got = adaptive_temperature(entropy, stats, tau=tau, base_temperature=base, eps=eps,
+                                   variant=variant)
+        for i in range(6):
+            want = adaptive_temperature(entropy[i:i + 1], stats, tau=float(tau[i]),
+                                        base_temperature=float(base[i]), eps=float(eps[i]),
+                                        variant=variant)
+            assert torch.equal(got[i:i + 1], want), (variant, i)
+    assert torch.equal(adaptive_temperature(entropy, None, base_temperature=base), base)
+    for name, kwargs in (("tau", dict(tau=tau.clone().fill_(1.0))),
+                         ("base_temperature", dict(base_temperature=base * 0)),
+                         ("eps", dict(eps=eps * 0))):
+        with pytest.raises(ValueError, match=name):
+            adaptive_temperature(entropy, stats, **kwargs)

@@ -154,6 +154,27 @@ def test_weights_off_the_mask_never_leak(name):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["clipped", "hapo", "clip_cov", "gspo", "cispo"])
+def test_tensor_eps_off_the_mask_never_leaks(name):
+    """Per-token ε tensors holding NaN (ε_low, ε_high) or inf (ε_high) at masked positions
+    give the loss, per-token values, metrics and gradient of ε that is finite there."""
+    lp, old, adv, mask = _batch(13, 3, 6)
+    eps_low = torch.linspace(0.1, 0.3, 18, dtype=F64).reshape(3, 6)
+    eps_high = torch.linspace(0.2, 0.4, 18, dtype=F64).reshape(3, 6)
+    nan = torch.tensor(float("nan"), dtype=F64)
+    bad_low = torch.where(mask, eps_low, nan)
+    bad_high = torch.where(mask, eps_high, nan)
+    bad_high[~mask & (torch.arange(6) % 2 == 0)] = float("inf")
+    assert (~mask).any()
+    got, got_grad = _run(LOSSES[name], lp, old, adv, mask, eps_low=bad_low, eps_high=bad_high)
+    want, want_grad = _run(LOSSES[name], lp, old, adv, mask, eps_low=eps_low,
+                           eps_high=eps_high)
+    for field in want._fields:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0.0,
+                                   atol=0.0, msg=field)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0.0, atol=0.0)
+
+
 def test_weights_bad_input_names_the_argument():
     lp, old, adv, mask = _batch(0, 2, 3)
     for name, fn in LOSSES.items():
@@ -210,6 +231,47 @@ def test_every_loss_returns_h_hat_shaped_like_per_token(name, dtype):
     assert not out.h_hat.requires_grad
     assert not out.h_hat[~mask].any()
     assert bool(out.h_hat[mask].any()) == (name == "hapo")
+
+
+# --------------------------------------------------------------------------- empty batches
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_an_empty_batch_gives_a_zero_loss_and_gradient(name, shape, dtype, per_token):
+    """A data-parallel rank with nothing to train on: (0, L) or (B, 0) inputs give a loss of
+    exactly 0, a zero gradient of the input's shape and dtype, empty per-token outputs and
+    metrics of 0, with every aggregation and with weights."""
+    lp, old = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    adv = torch.zeros(shape if per_token else shape[:1], dtype=dtype)
+    weights = torch.ones(shape if per_token else shape[:1], dtype=dtype)
+    for agg in (MODES if name != "gspo" else ["seq-mean-token-mean", "token-mean"]):
+        out, grad = _run(LOSSES[name], lp, old, adv, torch.ones(shape, dtype=torch.bool),
+                         agg=agg, weights=weights)
+        assert out.loss.shape == () and float(out.loss.detach()) == 0.0, agg
+        assert grad.shape == shape and grad.dtype == dtype and not grad.any()
+        assert out.per_token.shape == shape and out.h_hat.shape == shape
+        for field in out._fields[2:-1]:
+            value = getattr(out, field)
+            assert value.shape == () and float(value) == 0.0, (agg, field)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)])
+def test_empty_aggregation_and_clip_bounds(shape):
+    """aggregate_loss of an empty per-token loss is 0 in every mode (given denominators
+    too); adaptive_clip_bounds of an empty ĥ gives empty bounds."""
+    per_token = torch.zeros(shape, requires_grad=True)
+    mask = torch.ones(shape)
+    for mode in MODES if len(shape) == 2 else ["token-mean", "token-sum"]:
+        for kw in ({}, dict(num_tokens=7, num_sequences=3, normalizer=4.0)):
+            loss = aggregate_loss(per_token, mask, mode, **kw)
+            loss.backward()
+            assert loss.shape == () and float(loss) == 0.0, (mode, kw)
+            assert per_token.grad.shape == shape and not per_token.grad.any()
+    low, high = adaptive_clip_bounds(torch.zeros(shape), eps_low=0.1, eps_high=0.3, alpha=2.0)
+    assert low.shape == high.shape == shape
 
 
 # --------------------------------------------------------------------------- denominators
@@ -380,3 +442,42 @@ def test_fused_losses_compile_with_weights_and_16_bit_inputs(name, dtype, agg):
         torch.testing.assert_close(getattr(compiled, field), getattr(eager, field), rtol=1e-6,
                                    atol=1e-7, msg=field)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0.0, atol=0.0)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _mask_ops():
+    """(name, op of a mask) for ops across the library that take a (3, 6) token mask."""
+    import hapo_ops
+    lp, old, adv, _ = _batch(14, 3, 6)
+    entropy = torch.exp(torch.linspace(-6.0, 1.0, 18, dtype=F64)).reshape(3, 6)
+    rewards, group_ids = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 1])
+    return [
+        ("aggregate_loss", lambda m: aggregate_loss(lp, m)),
+        ("clipped", lambda m: clipped_policy_loss(lp, old, adv, m).loss),
+        ("hapo", lambda m: hapo_policy_loss(lp, old, adv, entropy, m).loss),
+        ("kl_cov", lambda m: kl_cov_policy_loss(lp, old, adv, m).loss),
+        ("entropy_stats", lambda m: torch.stack(entropy_stats(entropy, m))),
+        ("tlga", lambda m: hapo_ops.token_level_group_advantages(rewards, group_ids, m)),
+        ("token_count", lambda m: hapo_ops.global_token_count(m)),
+        ("quantile_mask", lambda m: hapo_ops.entropy_quantile_mask(entropy, m)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_a_float_mask_holds_only_0_and_1(index):
+    """One mask rule for every op: a float mask of 0 and 1 (and an integer mask, nonzero =
+    valid) equals the bool mask; a float mask holding anything else (a weight-like 0.5,
+    NaN, 2) is refused naming the mask."""
+    name, op = _mask_ops()[index]
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]],
+                        dtype=torch.bool)
+    want = op(mask)
+    for same in (mask.double(), mask.float(), mask.to(torch.int64) * 2):
+        torch.testing.assert_close(op(same), want, rtol=0.0, atol=0.0, msg=name)
+    for value in (0.5, float("nan"), 2.0):
+        bad = mask.double()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match=r"mask must hold only 0 and 1"):
+            op(bad)

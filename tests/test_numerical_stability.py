@@ -91,6 +91,48 @@ def test_huge_magnitudes_and_minus_inf_rows(impl, device):
     check_against_reference(logits.to(device), labels.to(device), 1.0, impl, inplace=True)
 
 
+def _autograd_float64_grad(logits, labels, temperature, g_logp, g_entropy):
+    """∂L/∂z of L = Σ g_logp·log softmax(z/T)[y] + Σ g_entropy·H by autograd in float64
+    (the entropy's 0·log 0 terms dropped where p = 0)."""
+    z = logits.detach().double().cpu().requires_grad_()
+    t = torch.as_tensor(temperature, dtype=torch.float64).cpu()
+    log_p = torch.log_softmax(z / (t[..., None] if t.dim() else t), -1)
+    p = log_p.exp()
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+    logp = log_p.gather(-1, labels.cpu()[..., None])[..., 0]
+    ((g_logp.double().cpu() * logp).sum() + (g_entropy.double().cpu() * entropy).sum()).backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [None, 2])
+def test_a_label_at_a_minus_inf_logit_has_autograds_gradient(impl, device, inplace,
+                                                             chunk_tokens):
+    """logp = -inf at a label whose logit is -inf, and ∂logp/∂z = (1[v = y] - p_v)/T there,
+    as autograd of log_softmax gives (1/T at the label): no special case."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 37, generator=g) * 3
+    labels = torch.randint(0, 37, (5,), generator=g)
+    logits[[0, 2, 4], labels[[0, 2, 4]]] = float("-inf")      # the label itself at -inf
+    logits[1, :5] = float("-inf")                              # -inf elsewhere only
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.5, 2.0])
+    g_logp, g_entropy = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    leaf = logits.to(device).requires_grad_()
+    work = leaf * 1.0 if inplace else leaf
+    logp, entropy = hapo_ops.logprobs_and_entropy(
+        work, labels.to(device), temperature=temperature.to(device), impl=impl,
+        inplace_backward=inplace, chunk_tokens=chunk_tokens)
+    assert (logp[[0, 2, 4]] == float("-inf")).all() and torch.isfinite(logp[[1, 3]]).all()
+    (g_logp.to(device) * logp + g_entropy.to(device) * entropy).sum().backward()
+    want = _autograd_float64_grad(logits, labels, temperature, g_logp, g_entropy)
+    assert torch.isfinite(want).all()
+    assert_close("grad", leaf.grad, want, GRAD_TOL[torch.float32])
+    rows = torch.tensor([0, 2, 4])
+    torch.testing.assert_close(leaf.grad.cpu()[rows, labels[rows]].double(),
+                               g_logp[rows].double() / temperature[rows].double())
+
+
 @pytest.mark.parametrize("impl,device", IMPL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ties_at_the_max_and_late_maxima(impl, device, dtype):

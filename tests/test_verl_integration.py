@@ -1118,8 +1118,9 @@ def test_publishing_without_a_board_raises():
 
 
 def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
-    """Megatron (and the other backends) under the hapo vendor key, and verl's fused kernels
-    or padded inputs, raise instead of silently losing the exact entropy."""
+    """The backends HAPO's engine does not cover (veomni, torchtitan) under the hapo vendor
+    key, and verl's fused kernels or padded inputs, raise instead of silently losing the
+    exact entropy (Megatron: tests/test_verl_megatron.py, in its own environment)."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine import EngineRegistry
 
@@ -1127,10 +1128,11 @@ def test_hapo_engine_refuses_what_it_does_not_cover(monkeypatch):
 
     monkeypatch.setenv("VERL_ENGINE_VENDOR", verl_engine.ENGINE_VENDOR)
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
-    cls = EngineRegistry.get_engine_cls("language_model", "megatron")
-    assert cls is verl_engine.HAPOUnsupportedEngine
-    with pytest.raises(NotImplementedError, match="Megatron"):
-        cls()
+    for backend in ("veomni", "torchtitan"):
+        cls = EngineRegistry.get_engine_cls("language_model", backend)
+        assert cls is verl_engine.HAPOUnsupportedEngine
+        with pytest.raises(NotImplementedError, match="fsdp/fsdp2 and megatron"):
+            cls()
     for flags, match in (({"use_fused_kernels": True}, "use_fused_kernels"),
                          ({"use_remove_padding": False}, "use_remove_padding")):
         td = tu.get_tensordict({"input_ids": torch.zeros(2, 3)}, non_tensor_dict=flags)
@@ -1307,12 +1309,12 @@ def test_hapo_engine_checkpoint_carries_the_statistics(verl_on_cpu, monkeypatch,
 
 
 def test_verl_package_modules_import_one_way():
-    """settings, wire, board, loss, engine, rollout: each module of the package imports
-    (at any depth of its code) only modules before it."""
+    """settings, wire, board, loss, engine, megatron_engine, rollout: each module of the
+    package imports (at any depth of its code) only modules before it."""
     import ast
     import pathlib
 
-    order = ["settings", "wire", "board", "loss", "engine", "rollout"]
+    order = ["settings", "wire", "board", "loss", "engine", "megatron_engine", "rollout"]
     package = pathlib.Path(hapo_verl.__file__).parent
     assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
     for position, name in enumerate(order):

@@ -4,7 +4,6 @@ engine, batch bookkeeping and sampler on CPU with a tiny random Llama."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
@@ -79,11 +78,14 @@ BASE = {"tau": 0.05, "base_temperature": 1.0, "variant": "paper", "eps": 1e-8}
     ({**BASE, "tua": 0.1}, ValueError, r"unknown keys \['tua'\]"),
     ({k: v for k, v in BASE.items() if k != "eps"}, ValueError, r"missing keys \['eps'\]"),
     ({**BASE, "tau": 1.0}, ValueError, r'\["tau"\] must be in \(-1, 1\)'),
+    ({**BASE, "tau": -(1.0 - 1e-9)}, ValueError, r'\["tau"\] must be in \(-1, 1\)'),  # -1 in float32
     ({**BASE, "tau": "0.1"}, TypeError, r'\["tau"\] must be a float'),
     ({**BASE, "tau": True}, TypeError, r'\["tau"\] must be a float'),
     ({**BASE, "base_temperature": 0.0}, ValueError, r'\["base_temperature"\] must be > 0'),
     ({**BASE, "variant": "paper2"}, ValueError, r'\["variant"\] must be one of'),
     ({**BASE, "eps": -1.0}, ValueError, r'\["eps"\] must be > 0'),
+    ({**BASE, "eps": 0.0}, ValueError, r'\["eps"\] must be > 0, got 0.0'),
+    ({**BASE, "eps": 0}, ValueError, r'\["eps"\] must be > 0, got 0.0'),
     ({**BASE, "pivot": 0.0}, ValueError, r"all of \['pivot', 'log_max', 'log_min'\] or none"),
     ({**BASE, "pivot": 0.0, "log_max": math.nan, "log_min": -1.0}, ValueError, r'\["log_max"\] must be finite'),
     ({**BASE, "pivot": 2.0, "log_max": 1.0, "log_min": -1.0}, ValueError, "log_min <= pivot <= log_max"),
@@ -293,11 +295,15 @@ class TestV1Engine:
         extra = sampling_extra_args(None)
         cases = [(dict(temperature=0.7, extra_args=extra), "temperature must be 1.0"),
                  (dict(temperature=1.0, min_p=0.1, extra_args=extra), "min_p must be 0"),
-                 (dict(temperature=1.0, extra_args={"hapo": {"tau": 0.1}}), "missing keys")]
+                 (dict(temperature=1.0, extra_args={"hapo": {"tau": 0.1}}), "missing keys"),
+                 (dict(temperature=1.0, extra_args={"hapo": {**extra["hapo"], "eps": 0.0}}),
+                  r'\["eps"\] must be > 0'),
+                 (dict(temperature=1.0, extra_args={"hapo": {**extra["hapo"], "tau": "big"}}),
+                  r'\["tau"\] must be a float, got str')]
         from vllm.exceptions import VLLMValidationError  # what vLLM turns a ValueError into
 
         for kwargs, message in cases:
-            with pytest.raises((ValueError, VLLMValidationError), match=message):
+            with pytest.raises((ValueError, TypeError, VLLMValidationError), match=message):
                 llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                              vllm.SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
 
@@ -408,6 +414,46 @@ def test_v1_batch_updates_from_vllms_builder_keep_each_requests_parameters():
             _assert_rows(processor.apply(logits.clone()), want, batch)
 
     run()
+
+
+def _grown_state(table) -> int:
+    """How many entries the processor table's containers hold (lists, dicts, sets)."""
+    return sum(len(v) for v in vars(table).values() if isinstance(v, (list, dict, set)))
+
+
+def test_v1_state_is_bounded_whatever_the_distinct_settings():
+    """300 requests, each with its own (tau, base_temperature, eps, variant), pass through 4
+    slots: every row gets its own request's temperature, and the processor's state does not
+    grow with the distinct settings it has seen (a fixed per-slot table, no table of
+    settings)."""
+    vllm = _vllm()
+    from vllm.v1.sample.logits_processor import BatchUpdateBuilder
+
+    from hapo_ops.integrations.vllm import AdaptiveTemperatureLogitsProcessor
+
+    slots = 4
+    processor = AdaptiveTemperatureLogitsProcessor(_vllm_config(slots), torch.device("cpu"),
+                                                   False)
+    start = _grown_state(processor.table)
+    builder = BatchUpdateBuilder()
+    batch: list = [None] * slots
+    for step in range(75):
+        for slot in range(slots):
+            n = step * slots + slot
+            extra = sampling_extra_args(_stats(n % 5) if n % 3 else None,
+                                        tau=-0.9 + 1.8 * (n % 97) / 96,
+                                        base_temperature=0.5 + n / 300,
+                                        variant=("paper", "released")[n % 2],
+                                        eps=10.0 ** -(3 + n % 6))
+            batch[slot] = vllm.SamplingParams(temperature=1.0, extra_args=extra)
+            if step:
+                builder.removed_append(slot)
+            builder.added.append((slot, batch[slot], None, []))
+        processor.update_state(builder.get_and_reset(slots))
+        logits = _random_logits(slots, 40, seed=step)
+        _assert_rows(processor.apply(logits.clone()), _expected_rows(logits, batch), batch)
+    assert _grown_state(processor.table) == start
+    assert tuple(processor.table.host.shape) == (slots, 7)
 
 
 def test_sampled_distribution_through_vllms_sampler():
@@ -548,126 +594,18 @@ def test_validate_params_refusals():
                 extra_args={"hapo": {**extra["hapo"], "variant": "x"}}))
         with pytest.raises(ValueError, match=r'extra_args\["hapo"\] is a str but not valid JSON'):
             cls.validate_params(vllm.SamplingParams(extra_args={"hapo": "{tau"}))
-
-
-# ---------------------------------------------------------------- TRL's vLLM colocate mode
-
-from char_tokenizer import char_tokenizer  # noqa: E402
-
-
-def _count_a(completions, **kwargs):
-    return [float(c.count("a")) - 0.3 * len(c) for c in completions]
-
-
-def test_trl_config_refuses_min_p_with_vllm_adaptive_temperature(tmp_path):
-    pytest.importorskip("trl")
-    from hapo_ops.integrations.trl import HAPOGRPOConfig
-
-    with pytest.raises(ValueError, match="min_p must be 0 with use_vllm"):
-        HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True)
-    HAPOGRPOConfig(output_dir=str(tmp_path), use_vllm=True, min_p=0.1, use_cpu=True,
-                   hapo_adaptive_temperature=False)
-
-
-def test_trl_colocate_trains_with_adaptive_temperature(tmp_path, monkeypatch):
-    """HAPOGRPOTrainer(use_vllm=True, vllm_mode="colocate") on CPU: the trainer registers the
-    processor in TRL's LLM and sends the step's statistics; the per-token temperatures it
-    recomputes vary, the old log-probs at them match vLLM's behaviour log-probs, so TRL's
-    importance-sampling ratios stay at 1 (at T_base they would not)."""
-    _vllm()
-    pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-    import transformers
-
-    from trl.generation import vllm_generation
-
-    from hapo_ops.integrations.trl import HAPOGRPOConfig, HAPOGRPOTrainer
-
-    # Test-only: TRL builds LLM(...) without a dtype, and vLLM then runs a float32
-    # checkpoint in 16 bits; this test checks the exact path, so the engine runs in float32
-    # (a bf16 engine's log-probs differ by up to ~0.1 here: benchmarks/vllm_processor.py).
-    vllm = _vllm()
-    monkeypatch.setattr(vllm_generation, "LLM", functools.partial(
-        vllm.LLM, dtype="float32", enforce_eager=True))
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    model_dir = str(tmp_path / "model")
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    model = transformers.LlamaForCausalLM.from_pretrained(model_dir)  # name_or_path for TRL
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-
-    class Trainer(HAPOGRPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.rollouts = []
-            generation = self.vllm_generation
-
-            def sync_weights():
-                # Test-only CPU workaround: vLLM's CPU backend repacks linear weights after
-                # loading, so TRL's per-parameter load_weights cannot reach them
-                # ("'Parameter' object has no attribute 'weight_loader'"); vLLM's own
-                # in-place reload (used by its RL weight updates) works.
-                weights = [(n, p.detach().clone()) for n, p in self.model.named_parameters()]
-                generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-                generation.llm.reset_prefix_cache()
-
-            generation.sync_weights = sync_weights
-
-        def _generate_and_score_completions(self, inputs):
-            output = super()._generate_and_score_completions(inputs)
-            self.rollouts.append({k: v.detach().clone() for k, v in output.items()
-                                  if isinstance(v, torch.Tensor)}
-                                 | {"stats": self._hapo_sampling_stats})
-            return output
-
-    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "ba c", "hh", "cafe"] * 3})
-    args = HAPOGRPOConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, max_steps=3, learning_rate=1e-2, logging_steps=1,
-        report_to="none", use_cpu=True, bf16=False, seed=0, save_strategy="no", hapo_tau=0.5,
-        temperature=0.9, top_k=0, top_p=1.0, beta=0.0, dataloader_num_workers=0,
-        disable_tqdm=True, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64,
-        vllm_importance_sampling_mode="token_truncate")
-    trainer = Trainer(model=model, reward_funcs=_count_a, args=args, train_dataset=dataset,
-                      processing_class=tokenizer)
-    try:
-        trainer.train()
-        with_stats = [r for r in trainer.rollouts if r["stats"] is not None]
-        assert len(trainer.rollouts) == 3 and len(with_stats) >= 2
-        for rollout in trainer.rollouts:
-            mask = rollout["completion_mask"].bool()
-            temperature = rollout["hapo_temperature"][mask]
-            gap = (rollout["old_per_token_logps"] - rollout["sampling_per_token_logps"])[mask]
-            assert gap.abs().max() < 1e-4  # behaviour log-probs at the recomputed T_t
-            ratio = rollout["importance_sampling_ratio"][mask]
-            assert (ratio - 1).abs().max() < 1e-4
-            if rollout["stats"] is None:  # first step: T_base for every token
-                torch.testing.assert_close(temperature, torch.full_like(temperature, 0.9))
-            else:
-                assert temperature.std() > 0.02 and temperature.max() - temperature.min() > 0.05
-        # the check can fail: at T_base the same tokens' log-probs are far from vLLM's
-        rollout = with_stats[-1]
-        mask = rollout["completion_mask"].bool()
-        ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
-        attention = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
-        with torch.no_grad():
-            at_base, _, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, ids, attention, rollout["completion_ids"].shape[1],
-                hapo_temperature=torch.full_like(rollout["hapo_temperature"], 0.9))
-        # (the model has since been trained, but only a little: the T gap dominates)
-        assert (at_base - rollout["sampling_per_token_logps"])[mask].abs().max() > 1e-2
-        logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
-        assert math.isfinite(logged["loss"])
-        assert abs(logged["sampling/importance_sampling_ratio/max"] - 1) < 1e-4
-    finally:
-        llm = trainer.vllm_generation.llm
-        del trainer
-        _release(llm)
+        # eps = 0 is refused at admission, not inside the engine step (dict and JSON forms)
+        for entry in ({**extra["hapo"], "eps": 0.0}, json.dumps({**extra["hapo"], "eps": 0})):
+            with pytest.raises(ValueError, match=r'extra_args\["hapo"\]\["eps"\] must be > 0'):
+                cls.validate_params(vllm.SamplingParams(temperature=1.0,
+                                                        extra_args={"hapo": entry}))
+        # every key present, one of a bad type: the bad value is named, not "missing keys"
+        for key in ("tau", "base_temperature", "eps", "pivot", "log_max", "log_min"):
+            for entry in ({**extra["hapo"], key: "big"}, json.dumps({**extra["hapo"], key: "big"})):
+                with pytest.raises(TypeError, match=rf'extra_args\["hapo"\]\["{key}"\] must be '
+                                                    r"a float, got str"):
+                    cls.validate_params(vllm.SamplingParams(temperature=1.0,
+                                                            extra_args={"hapo": entry}))
+        with pytest.raises(ValueError, match=r'extra_args\["hapo"\]\["variant"\] must be one of'):
+            cls.validate_params(vllm.SamplingParams(
+                temperature=1.0, extra_args={"hapo": {**extra["hapo"], "variant": 3}}))

@@ -7,6 +7,7 @@ expected. None of them reads tensor values (no host sync) unless its name says s
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
@@ -30,13 +31,30 @@ def check_tensor(name: str, value: object, *, floating: bool = False, integer: b
 
 def check_mask(name: str, mask: object, shape: Sequence[int] | None = None, *,
                allow_empty: bool = False) -> torch.Tensor:
-    """A mask is bool or numeric (1 = valid); returns it as bool."""
+    """A mask is bool, integer (nonzero = valid, e.g. an attention mask) or floating point
+    holding only 0 and 1 (1 = valid); returns it as bool.
+
+    A floating-point mask with any other value (0.5, NaN, ...) looks like a weight: it is
+    refused with a ``ValueError`` on the CPU (outside ``torch.compile``); on accelerators
+    its values are not read (no host sync) and nonzero counts as valid. Pass per-token
+    weights as ``weights=``.
+    """
     mask = check_tensor(name, mask, allow_empty=allow_empty)
     if mask.is_complex():
         raise TypeError(f"{name} must be a bool or real tensor, got dtype {mask.dtype}")
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    valid = mask != 0
+    if (mask.is_floating_point() and mask.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        other = valid & (mask != 1)
+        if bool(other.any()):
+            raise ValueError(f"{name} must hold only 0 and 1 (a floating-point mask is not a "
+                             f"weight; pass weights= for that), got "
+                             f"{float(mask[other].reshape(-1)[0])}")
+    return valid
 
 
 def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -68,12 +86,29 @@ def check_float(name: str, value: object, *, min_value: float | None = None,
     return value
 
 
+def check_tau(name: str, value: object) -> float:
+    """The strength τ of the adaptive temperature T = T_base·(1 + τ·ĥ), ĥ ∈ [-1, 1].
+
+    |τ| < 1 keeps T > 0 at every token, and T is computed in float32, so |τ| must stay
+    below 1 after rounding to float32 too (a τ within 3e-8 of ±1 rounds to ±1 and would
+    give T = 0). τ < 0 is allowed: it inverts the adaptation.
+    """
+    value = check_float(name, value)
+    if not (abs(value) < 1.0 and abs(struct.unpack("f", struct.pack("f", value))[0]) < 1.0):
+        raise ValueError(f"{name} must be in (-1, 1) so that T > 0 (|tau| < 1 also in "
+                         f"float32), got {value!r}")
+    return value
+
+
 def check_float_or_tensor(name: str, value: object, ref: torch.Tensor, *,
-                          min_value: float = 0.0) -> ScalarOrTensor:
-    """A float >= min_value, or a tensor broadcastable to ``ref`` on its device.
+                          min_value: float = 0.0, min_inclusive: bool = True,
+                          max_value: float | None = None, max_inclusive: bool = True
+                          ) -> ScalarOrTensor:
+    """A float within the bounds (default: >= min_value), or a floating tensor broadcastable
+    to ``ref`` on its device whose values lie within them.
 
     Tensor values are checked only on the CPU (no host sync on accelerators), and not while
-    ``torch.compile`` traces (a host read would break the graph).
+    ``torch.compile`` traces (a host read would break the graph); NaN is not rejected there.
     """
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
@@ -84,11 +119,19 @@ def check_float_or_tensor(name: str, value: object, ref: torch.Tensor, *,
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to "
                              f"{tuple(ref.shape)}") from None
-        if (value.device.type == "cpu" and value.numel() and not torch.compiler.is_compiling()
-                and bool((value < min_value).any())):
-            raise ValueError(f"{name} must be >= {min_value} everywhere")
+        if value.device.type == "cpu" and value.numel() and not torch.compiler.is_compiling():
+            below = value < min_value if min_inclusive else value <= min_value
+            if bool(below.any()):
+                raise ValueError(f"{name} must be {'>=' if min_inclusive else '>'} "
+                                 f"{min_value} everywhere")
+            if max_value is not None:
+                above = value > max_value if max_inclusive else value >= max_value
+                if bool(above.any()):
+                    raise ValueError(f"{name} must be {'<=' if max_inclusive else '<'} "
+                                     f"{max_value} everywhere")
         return value
-    return check_float(name, value, min_value=min_value)
+    return check_float(name, value, min_value=min_value, min_inclusive=min_inclusive,
+                       max_value=max_value, max_inclusive=max_inclusive)
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:

@@ -12,9 +12,9 @@ from typing import NamedTuple
 import torch
 
 from hapo_ops._utils.selection import CountReducer, kth_smallest
-from hapo_ops._utils.validation import (check_float, check_mask, check_same_device, check_tensor,
-                                  check_variant)
-from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum
+from hapo_ops._utils.validation import (check_float, check_float_or_tensor, check_mask,
+                                        check_same_device, check_tensor, check_variant)
+from hapo_ops._utils.collectives import all_reduce_max, all_reduce_sum, check_process_group
 
 
 class EntropyStats(NamedTuple):
@@ -31,10 +31,36 @@ class EntropyStats(NamedTuple):
     log_min: torch.Tensor
 
 
-def log_entropy(entropy: torch.Tensor, eps: float) -> torch.Tensor:
+def check_entropy_stats(name: str, stats: object) -> tuple:
+    """The one rule for a ``stats`` argument (``normalized_entropy``, ``adaptive_temperature``,
+    ``hapo_policy_loss``, the vLLM helpers): an ``EntropyStats``, or a plain tuple of its
+    three fields in order, (pivot, log_max, log_min), each a real number or a
+    floating-point tensor. Anything else, a dict or a list included (their order or keys
+    would be guessed), is a ``TypeError`` naming ``name``; build
+    ``EntropyStats(**d)`` from a dict."""
+    expected = "an EntropyStats or a tuple (pivot, log_max, log_min)"
+    if not isinstance(stats, tuple):
+        raise TypeError(f"{name} must be {expected}, got {type(stats).__name__}")
+    if len(stats) != 3:
+        raise TypeError(f"{name} must be {expected}, got a tuple of {len(stats)}")
+    for field, value in zip(EntropyStats._fields, stats):
+        if isinstance(value, torch.Tensor):
+            if not value.is_floating_point():
+                raise TypeError(f"{name}.{field} must be a float or a floating-point tensor, "
+                                f"got dtype {value.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}.{field} must be a float or a floating-point tensor, got "
+                            f"{type(value).__name__}")
+    return stats
+
+
+def log_entropy(entropy: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """ℓ = ln(max(H, eps)) as float32: the statistics and ĥ both use exactly these values, so
-    the pivot token gets ĥ = 0 exactly whatever the entropy dtype."""
+    the pivot token gets ĥ = 0 exactly whatever the entropy dtype. ``eps``: a float or a
+    tensor broadcastable to ``entropy`` (one per token)."""
     dtype = torch.promote_types(entropy.dtype, torch.float32)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(dtype)
     return entropy.to(dtype).clamp_min(eps).log().to(torch.float32)
 
 
@@ -74,6 +100,7 @@ def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float 
     if group is not None:
         if reduce_counts is not None or reduce_extrema is not None:
             raise ValueError("pass either group or reduce_counts/reduce_extrema, not both")
+        group = check_process_group("group", group)
         reduce_counts = functools.partial(all_reduce_sum, group=group)
         reduce_extrema = functools.partial(all_reduce_max, group=group)
     # An empty batch is ordinary (a data-parallel rank with nothing to do): it gives the
@@ -117,7 +144,7 @@ def _max_or_minus_inf(values: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: str = "paper",
-                       eps: float = 1e-8) -> torch.Tensor:
+                       eps: float | torch.Tensor = 1e-8) -> torch.Tensor:
     """ĥ ∈ [-1, 1] from each token's entropy and the batch statistics.
 
     ℓ = ln(max(H, eps)), m = pivot:
@@ -125,15 +152,19 @@ def normalized_entropy(entropy: torch.Tensor, stats: EntropyStats, *, variant: s
       ℓ ≤ m, "paper":        ĥ = (ℓ - m) / max(m - ℓ_min, eps)   ∈ [-1, 0]
       ℓ ≤ m, "released":     ĥ = (m - ℓ) / max(m - ℓ_min, eps)   ∈ [0, 1]
     (the public reference code's sign slip, kept for reproduction), then clamped to [-1, 1]
-    since ``stats`` may come from another batch.
+    since ``stats`` may come from another batch. ``stats``: an ``EntropyStats`` or a plain
+    tuple (pivot, log_max, log_min) of numbers or tensors (``check_entropy_stats``), e.g.
+    one value per token. ``eps`` > 0: a float, or a tensor broadcastable to ``entropy``
+    (one per token, as the vLLM processor has one per request).
     """
     entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     variant = check_variant(variant)
-    eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
-    if not isinstance(stats, tuple) or len(stats) != 3:
-        raise TypeError(f"stats must be an EntropyStats, got {type(stats).__name__}")
+    eps = check_float_or_tensor("eps", eps, entropy, min_inclusive=False)
+    check_entropy_stats("stats", stats)
     ell = log_entropy(entropy, eps)
     pivot, log_max, log_min = (torch.as_tensor(s, device=ell.device).to(ell.dtype) for s in stats)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(ell.dtype)
     above = (ell - pivot) / (log_max - pivot).clamp_min(eps)
     below_gap = (ell - pivot) if variant == "paper" else (pivot - ell)
     below = below_gap / (pivot - log_min).clamp_min(eps)

@@ -23,9 +23,10 @@ try:
     from transformers import LogitsProcessor
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("hapo_ops.integrations.transformers needs transformers: "
-                      "pip install 'hapo-ops[transformers]'") from exc
+                      "python install.py transformers (or pip install -e '.[transformers]') "
+                      "in a clone") from exc
 
-from hapo_ops._utils.validation import check_float, check_variant
+from hapo_ops._utils.validation import check_float, check_tau, check_variant
 from hapo_ops.entropy.signal import EntropyStats
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy
@@ -36,7 +37,8 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
 
     Args:
       stats: ``EntropyStats`` of the previous training batch, or None (T = T_base).
-      tau, base_temperature, variant: as in :func:`hapo_ops.adaptive_temperature`.
+      tau, base_temperature, variant: as in :func:`hapo_ops.adaptive_temperature`
+        (|τ| < 1; τ < 0 inverts the adaptation: high-entropy rows sample cooler).
       record: keep each step's (B,) temperatures; ``temperatures`` stacks them to
         (B, steps), ``reset()`` clears them (call it between ``generate`` calls).
       impl: implementation of the entropy (``token_entropy``'s ``impl``).
@@ -51,8 +53,7 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         if stats is not None and (not isinstance(stats, tuple) or len(stats) != 3):
             raise TypeError(f"stats must be an EntropyStats or None, got {type(stats).__name__}")
         self.stats = None if stats is None else EntropyStats(*stats)
-        self.tau = check_float("tau", tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
-                               max_inclusive=False)
+        self.tau = check_tau("tau", tau)
         self.base_temperature = check_float("base_temperature", base_temperature,
                                             min_value=0.0, min_inclusive=False)
         self.variant = check_variant(variant)

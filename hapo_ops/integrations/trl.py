@@ -21,21 +21,25 @@ What the trainer changes, each switchable in the config:
   Each generation sends the statistics in every request's ``extra_args`` (server:
   ``vllm_xargs``) and vLLM's own temperature is set to 1. vLLM does not report T_t, so the
   trainer recomputes it from its own T = 1 logits of the sampled sequences with the same
-  statistics (one no-grad forward per generation batch); the old, reference and current
-  log-probs are then taken at it, and vLLM's processed log-probs (the behaviour log-probs
-  at T_t) feed TRL's vLLM importance-sampling correction, whose ratios are then 1 up to
-  the engine-vs-trainer logits mismatch.
+  statistics (one no-grad forward per generation batch, run as TRL runs its own forward of
+  the rollout: on the trainer's prepared model, gradient checkpointing off, so FSDP and
+  ZeRO-3 gather the shards; models whose forward has no ``logits_to_keep`` work too); the
+  old, reference and current log-probs are then taken at it, and vLLM's processed
+  log-probs (the behaviour log-probs at T_t) feed TRL's vLLM importance-sampling
+  correction, whose ratios are then 1 up to the engine-vs-trainer logits mismatch.
 - token-level group-average advantages (``hapo_token_level_advantages``):
   ``hapo_ops.token_level_group_advantages`` over the generation batch (all processes),
   instead of GRPO's per-sequence ones.
 - the HAPO loss: ``hapo_ops.hapo_policy_loss`` with ``epsilon`` / ``epsilon_high`` as base
   clip bounds, ``hapo_alpha``, ``hapo_beta``, ``hapo_quantile``, dual clip
-  ``hapo_dual_clip``, aggregated as TRL's ``loss_type`` does ("dapo", "grpo", "bnpo",
-  "dr_grpo"). ĥ's entropy statistics are those of the micro-batch pooled over every
-  process (``entropy_stats(..., group=)``), so every rank uses the same ĥ, as the sampler
-  does.
+  ``hapo_dual_clip`` (TRL's two-sided clip ``delta`` is refused: ``hapo_dual_clip`` is
+  the bound HAPO's loss puts on negative advantages), aggregated as TRL's ``loss_type``
+  does ("dapo", "grpo", "bnpo", "dr_grpo"). ĥ's entropy statistics are those of the
+  micro-batch pooled over every process (``entropy_stats(..., group=)``), so every rank
+  uses the same ĥ, as the sampler does.
 
-Logged: ``hapo/clip_frac_low``, ``hapo/clip_frac_high``, ``hapo/dual_clip_frac``,
+Logged (the loss's metrics in one gather across processes per micro-batch):
+``hapo/clip_frac_low``, ``hapo/clip_frac_high``, ``hapo/dual_clip_frac``,
 ``hapo/approx_kl``, ``hapo/h_hat_mean``, ``hapo/pivot`` (loss), ``hapo/temperature_min``,
 ``hapo/temperature_mean``, ``hapo/temperature_max`` and, once there are statistics,
 ``hapo/sampling_pivot`` (rollout).
@@ -57,6 +61,7 @@ from hapo_ops._utils.validation import VARIANTS, check_choice, check_float
 try:
     from transformers import LogitsProcessorList
     from trl import GRPOConfig, GRPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("hapo_ops.integrations.trl needs trl: pip install 'hapo-ops[trl]'") from exc
 
@@ -76,12 +81,16 @@ class HAPOGRPOConfig(GRPOConfig):
 
     hapo_variant: "paper" or "released" (the public reference code's ĥ and fallback test).
     hapo_tau: adaptive temperature strength τ (T = T_base·(1 + τ·ĥ)).
-    hapo_alpha / hapo_beta: adaptive clipping / advantage redistribution strengths.
+    hapo_alpha / hapo_beta: adaptive clipping / advantage redistribution strengths
+      (β in [0, 1]: A·(1 + β·ĥ) keeps the sign of A for every ĥ in [-1, 1]).
     hapo_quantile: pivot quantile of the entropy statistics.
     hapo_token_level_advantages: token-level group-average advantages instead of GRPO's.
     hapo_adaptive_temperature: per-token adaptive sampling temperature (``model.generate``).
     hapo_dual_clip: dual-clip constant c > 1 for negative advantages, or None.
     hapo_fallback_threshold: GRPO fallback threshold of the token-level advantages.
+
+    Refused (``ValueError`` naming the field): ``hapo_beta`` outside [0, 1]; TRL's ``delta``
+    (use ``hapo_dual_clip``); ``min_p > 0`` with ``use_vllm`` and adaptive temperature.
     """
 
     hapo_variant: str = field(default="paper", metadata={"help": "'paper' or 'released'."})
@@ -103,12 +112,18 @@ class HAPOGRPOConfig(GRPOConfig):
         check_float("hapo_tau", self.hapo_tau, min_value=-1.0, min_inclusive=False,
                     max_value=1.0, max_inclusive=False)
         check_float("hapo_alpha", self.hapo_alpha)
-        check_float("hapo_beta", self.hapo_beta)
+        # A·(1 + β·ĥ) with ĥ in [-1, 1] keeps A's sign only for β in [0, 1]
+        check_float("hapo_beta", self.hapo_beta, min_value=0.0, max_value=1.0)
         check_float("hapo_quantile", self.hapo_quantile, min_value=0.0, max_value=1.0)
         if self.hapo_dual_clip is not None:
             check_float("hapo_dual_clip", self.hapo_dual_clip, min_value=1.0, min_inclusive=False)
         check_float("hapo_fallback_threshold", self.hapo_fallback_threshold, min_value=0.0,
                     min_inclusive=False)
+        if self.delta is not None:
+            raise ValueError(f"delta must be None with HAPOGRPOConfig, got {self.delta}: HAPO's "
+                             f"loss bounds the ratio of negative advantages with hapo_dual_clip "
+                             f"(a token's loss is at most c·|A|, as TRL's delta=c does for "
+                             f"c > 1 + epsilon_high); set hapo_dual_clip instead")
         if self.use_vllm and self.hapo_adaptive_temperature and (self.min_p or 0.0) > 0.0:
             raise ValueError(f"min_p must be 0 with use_vllm and hapo_adaptive_temperature (vLLM "
                              f"computes min-p's threshold before the adaptive temperature), "
@@ -135,6 +150,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
             raise TypeError(f"HAPOGRPOTrainer needs a HAPOGRPOConfig as args, "
                             f"got {type(self.args).__name__}")
         self._check_supported()
+        # decided once, before any wrapping by the accelerator (as TRL's trainers decide)
+        self._hapo_forward_takes_logits_to_keep = _forward_takes_logits_to_keep(self.model)
         self._hapo_stats: hapo_ops.EntropyStats | None = None
         self._hapo_entropy_buffer: list[torch.Tensor] = []
         self._hapo_rollout_temperature: torch.Tensor | None = None
@@ -252,10 +269,15 @@ class HAPOGRPOTrainer(GRPOTrainer):
         self._hapo_sampling_stats = stats
         return completion_ids, logprobs
 
-    @torch.no_grad()
     def _recompute_rollout_temperature(self, stats, prompt_ids, completion_ids) -> torch.Tensor:
         """(B, max completion length) T_t = adaptive_temperature(H_t, stats, ...) with H_t
-        the T = 1 entropy of the trainer's logits at each sampled position (padding: T_base)."""
+        the T = 1 entropy of the trainer's logits at each sampled position (padding: T_base).
+
+        The forward runs as TRL 1.16 runs its own no-grad forward of a rollout (the old
+        log-probs in ``_generate_and_score_completions``): on ``self.model``, the model as the
+        accelerator prepared it (under FSDP the wrapper, whose forward gathers the shards;
+        under DeepSpeed ZeRO-3 the module, whose hooks gather them), under ``torch.no_grad``
+        with gradient checkpointing switched off."""
         device = self.accelerator.device
         width = max((len(ids) for ids in completion_ids), default=0)
         base = torch.full((len(completion_ids), width), self.temperature, device=device)
@@ -274,20 +296,34 @@ class HAPOGRPOTrainer(GRPOTrainer):
                               padding_value=0, padding_side="right")
         input_ids = torch.cat([prompts, completions], dim=1).to(device)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-        model = self.accelerator.unwrap_model(self.model_wrapped)
         batch_size = self.args.per_device_train_batch_size
         temperatures = []
-        for start in range(0, input_ids.shape[0], batch_size):
-            end = start + batch_size
-            with self.accelerator.autocast():
-                logits = model(input_ids=input_ids[start:end],
-                               attention_mask=attention_mask[start:end], use_cache=False,
-                               logits_to_keep=width + 1).logits[:, :-1, :]
-            temperatures.append(hapo_ops.adaptive_temperature(
-                hapo_ops.token_entropy(logits), stats, base_temperature=self.temperature,
-                tau=self.args.hapo_tau, variant=self.args.hapo_variant))
+        with torch.no_grad(), disable_gradient_checkpointing(
+                self.model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, input_ids.shape[0], batch_size):
+                end = start + batch_size
+                logits = self._completion_logits(self.model, input_ids[start:end],
+                                                 attention_mask[start:end], width)
+                temperatures.append(hapo_ops.adaptive_temperature(
+                    hapo_ops.token_entropy(logits), stats, base_temperature=self.temperature,
+                    tau=self.args.hapo_tau, variant=self.args.hapo_variant))
         temperature = torch.cat(temperatures, dim=0)
         return torch.where(completion_mask.to(device).bool(), temperature, base)
+
+    def _completion_logits(self, model, input_ids, attention_mask,
+                           logits_to_keep: int) -> torch.Tensor:
+        """(B, logits_to_keep, V) logits of the model's own forward (its logit scaling and
+        soft-capping apply) that score the last ``logits_to_keep`` tokens: position t scores
+        token t + 1. The forward is asked for the last ``logits_to_keep + 1`` positions only
+        when it takes ``logits_to_keep`` (decided once, from its signature, as TRL's
+        trainers decide); otherwise it returns every position and the cut drops the rest."""
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                        "use_cache": False}
+        if self._hapo_forward_takes_logits_to_keep:
+            model_inputs["logits_to_keep"] = logits_to_keep + 1
+        with self.accelerator.autocast():
+            logits = model(**model_inputs).logits
+        return logits[:, :-1, :][:, -logits_to_keep:, :]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
@@ -375,10 +411,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
         the rollout being scored (TRL's own calls for the old and reference log-probs).
 
         Without temperatures this is TRL's own method (its fused LM head). With them, the
-        logits come from the model's own forward (so its logit scaling and soft-capping
-        apply), asked for the last ``logits_to_keep + 1`` positions only when the forward
-        takes ``logits_to_keep``, and cut as TRL scores them: position t scores token t + 1,
-        and the last ``logits_to_keep`` positions are the completion's."""
+        logits are :meth:`_completion_logits` (the model's own forward, cut to the
+        completion as TRL scores it)."""
         temperature = hapo_temperature
         if temperature is None and self.args.hapo_adaptive_temperature:
             temperature = self._hapo_rollout_temperature
@@ -392,18 +426,11 @@ class HAPOGRPOTrainer(GRPOTrainer):
             raise ValueError("HAPOGRPOTrainer's adaptive temperature supports text-only, "
                              "dense models")
         batch_size = batch_size or input_ids.size(0)
-        keep_only_completion = _forward_takes_logits_to_keep(self.accelerator.unwrap_model(model))
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
             ids, am = input_ids[start:end], attention_mask[start:end]
-            model_inputs = {"input_ids": ids, "attention_mask": am, "use_cache": False}
-            if keep_only_completion:
-                model_inputs["logits_to_keep"] = logits_to_keep + 1
-            with self.accelerator.autocast():
-                logits = model(**model_inputs).logits
-            # position t scores token t + 1; the last logits_to_keep positions are the completion's
-            logits = logits[:, :-1, :][:, -logits_to_keep:, :]
+            logits = self._completion_logits(model, ids, am, logits_to_keep)
             labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
             logps, _ = hapo_ops.logprobs_and_entropy(
                 logits, labels, temperature=temperature[start:end].to(logits.device))
@@ -482,14 +509,12 @@ class HAPOGRPOTrainer(GRPOTrainer):
         return "token-mean", {"num_tokens": normalizer}, 1.0
 
     def _log_loss_metrics(self, mode, out, stats, entropies, valid, per_token_kl) -> None:
-        def global_mean(value_sum: torch.Tensor, count: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([value_sum.float(), count.float()]),
-                                             reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        count = valid.sum()
+        """Means over the valid tokens of every process: the local sums and counts stacked
+        into one vector, one gather across processes and one transfer to the host per
+        micro-batch (the pivot, the same on every rank, travels with them)."""
+        count = valid.sum().float()
         h_hat = hapo_ops.normalized_entropy(entropies, stats, variant=self.args.hapo_variant)
-        metrics = {
+        sums = {
             "hapo/clip_frac_low": out.clip_frac_low * count,
             "hapo/clip_frac_high": out.clip_frac_high * count,
             "hapo/dual_clip_frac": out.dual_clip_frac * count,
@@ -497,11 +522,15 @@ class HAPOGRPOTrainer(GRPOTrainer):
             "hapo/h_hat_mean": (h_hat * valid).sum(),
             "entropy": (entropies * valid).sum(),
         }
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(global_mean(value, count))
-        self._metrics[mode]["hapo/pivot"].append(stats.pivot.item())  # the same on every rank
         if per_token_kl is not None:
-            self._metrics[mode]["kl"].append(global_mean((per_token_kl.detach() * valid).sum(), count))
+            sums["kl"] = (per_token_kl.detach() * valid).sum()
+        local = torch.stack([*(value.float() for value in sums.values()), count,
+                             stats.pivot.float()])
+        rows = self.accelerator.gather(local.unsqueeze(0))  # (processes, metrics + 2)
+        *totals, total_count, pivot = torch.cat([rows[:, :-1].sum(dim=0), rows[0, -1:]]).tolist()
+        for name, total in zip(sums, totals):
+            self._metrics[mode][name].append(total / max(total_count, 1.0))
+        self._metrics[mode]["hapo/pivot"].append(pivot)
 
 
 def _forward_takes_logits_to_keep(model: torch.nn.Module) -> bool:

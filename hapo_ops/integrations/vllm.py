@@ -12,11 +12,13 @@ log-prob the trainer needs::
 
     llm = LLM(model, logprobs_mode="processed_logprobs",
               logits_processors=["hapo_ops.integrations.vllm:AdaptiveTemperatureLogitsProcessor"])
-    params = SamplingParams(temperature=1.0, logprobs=0,
+    params = SamplingParams(temperature=1.0, logprobs=0, max_tokens=16,
                             extra_args=sampling_extra_args(stats, tau=0.05, base_temperature=1.0))
+    outputs = llm.generate(prompts, params)
 
-Requests without a ``"hapo"`` entry in ``extra_args`` (and greedy ones) are left untouched.
-The engine's own ``temperature`` must be 1 (the processor applies T_base) and ``min_p`` 0.
+(``examples/vllm_generate.py`` runs this end to end on a CPU with a tiny model.) Requests
+without a ``"hapo"`` entry in ``extra_args`` (and greedy ones) are left untouched. The
+engine's own ``temperature`` must be 1 (the processor applies T_base) and ``min_p`` 0.
 
 vLLM does not return T_t; the trainer recomputes it from its own logits with the same
 statistics, ``adaptive_temperature(token_entropy(logits), stats, ...)``, and scores the old
@@ -35,8 +37,8 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from hapo_ops._utils.validation import VARIANTS
-from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops._utils.validation import VARIANTS, check_tau
+from hapo_ops.entropy.signal import EntropyStats, check_entropy_stats
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy
 
@@ -101,11 +103,13 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
     2509.16591, §3.1), ĥ = ``normalized_entropy(H, stats, variant=variant, eps=eps)``.
 
     Args:
-      stats: ``EntropyStats`` of the previous training batch (0-d tensors or floats), or
-        None (the first step: T = T_base everywhere). Statistics of a batch without valid
+      stats: ``EntropyStats`` of the previous training batch (0-d tensors or floats), a
+        plain tuple (pivot, log_max, log_min) of them (the rule of ``normalized_entropy``;
+        a dict is refused), or None (the first step: T = T_base everywhere). Statistics of a batch without valid
         tokens (pivot 0, log_max +inf, log_min -inf) make ĥ = 0 everywhere and are sent as
         no statistics.
-      tau: temperature strength τ, |τ| < 1.
+      tau: temperature strength τ, |τ| < 1 (T > 0); τ < 0 inverts the adaptation
+        (high-entropy tokens sample cooler), as in ``adaptive_temperature``.
       base_temperature: T_base > 0 (the engine's own temperature stays 1).
       variant: "paper" or "released" (see ``normalized_entropy``).
       eps: the floor of H inside ln(max(H, eps)) and of the denominators; use the ``eps``
@@ -123,8 +127,7 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
     entry: dict[str, float | str] = {"tau": tau, "base_temperature": base_temperature,
                                      "variant": variant, "eps": eps}
     if stats is not None:
-        if not isinstance(stats, tuple) or len(stats) != 3:
-            raise TypeError(f"stats must be an EntropyStats or None, got {type(stats).__name__}")
+        check_entropy_stats("stats", stats)     # the rule of normalized_entropy
         values = [_plain_float(f"stats.{name}", value) for name, value in zip(_STATS_FIELDS, stats)]
         pivot, log_max, log_min = values
         if any(math.isnan(v) for v in values):
@@ -177,9 +180,7 @@ def parse_sampling_args(extra_args: Mapping[str, Any] | None) -> SamplingArgs | 
             raise ValueError(f'{name}["{key}"] must be finite, got {value}')
         return value
 
-    tau = number("tau")
-    if not -1.0 < tau < 1.0:
-        raise ValueError(f'{name}["tau"] must be in (-1, 1) so that T > 0, got {tau}')
+    tau = check_tau(f'{name}["tau"]', number("tau"))
     base_temperature = number("base_temperature")
     if base_temperature <= 0.0:
         raise ValueError(f'{name}["base_temperature"] must be > 0, got {base_temperature}')
@@ -262,17 +263,29 @@ def _is_greedy(params: Any) -> bool:
 class _TemperatureTable:
     """Per-slot HAPO state for a processor, and the one per-row rule both processors apply.
 
-    Each slot (a request's place in vLLM's batch) holds (pivot, log_max, log_min, setting):
-    a request without statistics gets pivot 0, log_max +inf, log_min -inf, for which
-    ``normalized_entropy`` is 0 (T = T_base); setting is the index of the request's
-    (tau, base_temperature, variant, eps) in ``settings``, -1 for a slot the processor
-    leaves alone. The host copy is written per request (add/remove/move) and copied to the
-    device once per batch change; ``temperatures`` reads only device tensors.
+    Each slot (a request's place in vLLM's batch) holds one row of ``COLUMNS``: the
+    request's statistics (pivot, log_max, log_min), its variant's index in ``VARIANTS``
+    (-1 for a slot the processor leaves alone) and its tau, base_temperature and eps. A
+    request without statistics gets pivot 0, log_max +inf, log_min -inf, for which
+    ``normalized_entropy`` is 0 (T = T_base). The host copy is written per request
+    (add/remove/move) and copied to the device once per batch change; ``temperatures``
+    reads only device tensors.
+
+    Bounded whatever the requests send: the state is this fixed (slots, 7) table, with no
+    table of distinct settings (any number of distinct tau / base_temperature / eps values
+    is served, each row with its own), and a batch costs one entropy pass over its logits
+    plus at most one ``adaptive_temperature`` pass over (B,) values per variant present,
+    so at most two.
     """
 
+    COLUMNS = ("pivot", "log_max", "log_min", "variant", "tau", "base_temperature", "eps")
+    # A slot left alone: no statistics, T = 1 (valid values, so that the per-row checks of
+    # adaptive_temperature pass for every row of the batch).
+    IDLE = (0.0, math.inf, -math.inf, -1.0, 0.0, 1.0, 1.0)
+
     def __init__(self, num_slots: int, device: torch.device, pin_memory: bool) -> None:
-        self.host = torch.zeros((num_slots, 4), dtype=torch.float32)
-        self.host[:, 3] = -1.0
+        self.host = torch.tensor([self.IDLE] * num_slots, dtype=torch.float32).reshape(
+            num_slots, len(self.COLUMNS))
         self.view = self.host.numpy()
         on_cpu = torch.device(device).type == "cpu"
         self.device_table = self.host if on_cpu else torch.empty_like(self.host, device=device)
@@ -281,22 +294,15 @@ class _TemperatureTable:
         # own per-request buffers use the same depth).
         self.staging = [] if on_cpu else [torch.empty_like(self.host, pin_memory=pin_memory)
                                           for _ in range(2)]
-        self.settings: list[tuple[float, float, str, float]] = []
-        self.setting_ids: dict[tuple[float, float, str, float], int] = {}
 
     def set(self, slot: int, args: SamplingArgs | None) -> bool:
         if args is None:
-            self.view[slot, 3] = -1.0
+            self.view[slot] = self.IDLE
             return False
-        key = (args.tau, args.base_temperature, args.variant, args.eps)
-        if key not in self.setting_ids:
-            self.setting_ids[key] = len(self.settings)
-            self.settings.append(key)
-        if args.pivot is None:
-            self.view[slot, :3] = (0.0, math.inf, -math.inf)
-        else:
-            self.view[slot, :3] = (args.pivot, args.log_max, args.log_min)
-        self.view[slot, 3] = self.setting_ids[key]
+        stats = ((0.0, math.inf, -math.inf) if args.pivot is None
+                 else (args.pivot, args.log_max, args.log_min))
+        self.view[slot] = (*stats, VARIANTS.index(args.variant), args.tau,
+                           args.base_temperature, args.eps)
         return True
 
     def move(self, source: int, target: int, swap: bool) -> None:
@@ -304,7 +310,7 @@ class _TemperatureTable:
         if swap:
             self.view[source] = self.view[target]
         else:
-            self.view[source, 3] = -1.0
+            self.view[source] = self.IDLE
         self.view[target] = moved
 
     def upload(self, rows: int | None = None) -> None:
@@ -313,24 +319,23 @@ class _TemperatureTable:
             staged = self.staging[0][:rows].copy_(self.host[:rows])
             self.device_table[:rows].copy_(staged, non_blocking=True)
 
-    def settings_in(self, slots: np.ndarray | slice) -> np.ndarray:
-        """The setting indices used by ``slots`` (host data only; empty: nothing to do)."""
+    def variants_in(self, slots: np.ndarray | slice) -> np.ndarray:
+        """The variant indices used by ``slots`` (host data only; empty: nothing to do)."""
         used = self.view[slots, 3]
         return np.unique(used[used >= 0]).astype(np.int64)
 
     def temperatures(self, logits: torch.Tensor, rows: torch.Tensor,
-                     settings: np.ndarray) -> torch.Tensor:
+                     variants: np.ndarray) -> torch.Tensor:
         """(B,) float32 T_row: ``adaptive_temperature`` of each row's entropy with its
-        request's statistics and setting; 1 for rows left alone. ``rows``: (B, 4) state."""
+        request's statistics and settings; 1 for rows left alone. ``rows``: (B, 7) state."""
         entropy = token_entropy(logits)
         stats = EntropyStats(rows[:, 0], rows[:, 1], rows[:, 2])
         temperature = torch.ones_like(entropy)
-        for index in settings.tolist():  # distinct settings in the batch (usually one)
-            tau, base_temperature, variant, eps = self.settings[index]
+        for index in variants.tolist():  # the variants in the batch (at most two)
             temperature = torch.where(
                 rows[:, 3] == index,
-                adaptive_temperature(entropy, stats, base_temperature=base_temperature,
-                                     tau=tau, variant=variant, eps=eps),
+                adaptive_temperature(entropy, stats, base_temperature=rows[:, 5],
+                                     tau=rows[:, 4], variant=VARIANTS[index], eps=rows[:, 6]),
                 temperature)
         return temperature
 
@@ -338,7 +343,7 @@ class _TemperatureTable:
 def _require_vllm(base: type, name: str) -> None:
     if base is object:
         raise ImportError(f"{name} needs vLLM's logits-processor interface: "
-                          f"pip install 'hapo-ops[vllm]'")
+                          f"pip install -e '.[vllm]' in a clone (on a CPU: the README's vLLM on a CPU)")
 
 
 class AdaptiveTemperatureLogitsProcessor(V1LogitsProcessor):
@@ -351,7 +356,10 @@ class AdaptiveTemperatureLogitsProcessor(V1LogitsProcessor):
     with the request's statistics and settings, logits divided by T_row. Other rows are
     untouched. The entropy is ``token_entropy`` (exact for near-deterministic rows; the
     Triton kernel on GPU), one pass over the batch's logits; the per-request state lives
-    in a (max_num_seqs, 4) table copied to the device when the batch changes; no host sync.
+    in a fixed (max_num_seqs, 7) table copied to the device when the batch changes; no
+    host sync. Any number of distinct settings (tau, base_temperature, eps) costs the
+    same: at most one pass over (B,) values per variant in the batch, never one per
+    setting, and nothing grows with the settings the engine has seen.
 
     vLLM V1 runs argmax-invariant processors after its own temperature (which must be 1
     here, so it changes nothing) and min-p, before top-k/top-p, and skips them in
@@ -366,7 +374,7 @@ class AdaptiveTemperatureLogitsProcessor(V1LogitsProcessor):
         self.table = _TemperatureTable(vllm_config.scheduler_config.max_num_seqs, device,
                                        is_pin_memory)
         self.batch_size = 0
-        self.active_settings = np.zeros(0, dtype=np.int64)
+        self.active_variants = np.zeros(0, dtype=np.int64)
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
@@ -388,15 +396,15 @@ class AdaptiveTemperatureLogitsProcessor(V1LogitsProcessor):
         for source, target, direction in batch_update.moved:
             table.move(source, target, swap=direction == MoveDirectionality.SWAP)
         self.batch_size = batch_update.batch_size
-        self.active_settings = table.settings_in(slice(0, self.batch_size))
-        if self.active_settings.size:
+        self.active_variants = table.variants_in(slice(0, self.batch_size))
+        if self.active_variants.size:
             table.upload(self.batch_size)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.active_settings.size:
+        if not self.active_variants.size:
             return logits
         rows = self.table.device_table[:logits.shape[0]]
-        temperature = self.table.temperatures(logits, rows, self.active_settings)
+        temperature = self.table.temperatures(logits, rows, self.active_variants)
         return logits.div_(temperature.to(logits.dtype)[:, None])
 
 
@@ -435,11 +443,11 @@ class AdaptiveTemperatureLogitsProcessorMRV2(MRV2LogitsProcessor):
             self.changed = False
 
     def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
-        settings = self.table.settings_in(ctx.idx_mapping_np)
-        if not settings.size:
+        variants = self.table.variants_in(ctx.idx_mapping_np)
+        if not variants.size:
             return logits
         rows = self.table.device_table[ctx.expanded_idx_mapping]
-        temperature = self.table.temperatures(logits, rows, settings)
+        temperature = self.table.temperatures(logits, rows, variants)
         return logits.div_(temperature.to(logits.dtype)[:, None])
 
 

@@ -18,7 +18,7 @@ from hapo_ops._utils.segments import ACCUMULATE_DTYPE, compact_group_index, segm
 from hapo_ops._utils.validation import (ScalarOrTensor, check_float, check_float_or_tensor,
                                   check_mask, check_same_device, check_same_shape,
                                   check_tensor, check_variant)
-from hapo_ops._utils.collectives import all_gather_rows
+from hapo_ops._utils.collectives import all_gather_rows, check_process_group
 
 
 def _global_rows(group, group_ids: torch.Tensor, columns: list[torch.Tensor]
@@ -87,12 +87,13 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     """
     _check_rewards_and_groups(rewards, group_ids)
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
+    valid = None if mask is None else _check_response_mask(mask, rewards)
+    group = check_process_group("group", group)          # every check before the collectives
     ids, (r,), offset = _global_rows(group, group_ids, [rewards.to(ACCUMULATE_DTYPE)])
     advantages = _grpo_per_sequence(r, compact_group_index(ids), normalize_std, eps)
     advantages = advantages[offset:offset + rewards.shape[0]].to(_output_dtype(rewards))
-    if mask is None:
+    if valid is None:
         return advantages
-    valid = _check_response_mask(mask, rewards)
     return torch.where(valid, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
                                                                 device=advantages.device))
 
@@ -159,6 +160,7 @@ def token_level_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
         fallback_threshold = check_float("fallback_threshold", fallback_threshold,
                                          min_value=0.0, min_inclusive=False)
     variant = check_variant(variant)
+    group = check_process_group("group", group)          # every check before the collectives
 
     lengths = valid.sum(-1).to(ACCUMULATE_DTYPE)
     padded = (lengths < valid.shape[-1]).to(ACCUMULATE_DTYPE)
@@ -197,6 +199,13 @@ def _token_level_per_sequence(r: torch.Tensor, slots: torch.Tensor, lengths: tor
     return torch.where(has_tokens, advantages, torch.zeros_like(advantages))
 
 
+def check_beta(value: object) -> float:
+    """β, the redistribution strength: a float in [0, 1]. With ĥ ∈ [-1, 1] the scale
+    1 + β·ĥ then lies in [0, 2]: it never flips the sign of an advantage (β = 3 would turn
+    A = 1 at ĥ = -1 into -2)."""
+    return check_float("beta", value, min_value=0.0, max_value=1.0)
+
+
 def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio: torch.Tensor,
                             *, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
                             beta: float = 1.0) -> torch.Tensor:
@@ -207,8 +216,8 @@ def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio
     High-entropy tokens whose ratio already moved get more credit; low-entropy tokens that
     barely moved get less. No gradient flows through the result.
 
-    ĥ must lie in [−1, 1] (``normalized_entropy``'s range), so that with β ≤ 1 the scale
-    1 + β·ĥ never flips the sign of A. A CPU ``h_hat`` with a finite or infinite value
+    β must lie in [0, 1] and ĥ in [−1, 1] (``normalized_entropy``'s range), so that the
+    scale 1 + β·ĥ never flips the sign of A (a ``ValueError`` names ``beta`` otherwise). A CPU ``h_hat`` with a finite or infinite value
     outside that range raises a ``ValueError``; on accelerators (and while
     ``torch.compile`` traces) it is not checked, since that would be a host sync. NaN
     (e.g. garbage at padding positions) is not rejected: it passes through where the
@@ -223,7 +232,7 @@ def redistribute_advantages(advantages: torch.Tensor, h_hat: torch.Tensor, ratio
     check_same_device("ratio", ratio, "advantages", advantages)
     eps_low = check_float_or_tensor("eps_low", eps_low, advantages)
     eps_high = check_float_or_tensor("eps_high", eps_high, advantages)
-    beta = check_float("beta", beta)
+    beta = check_beta(beta)
     if h_hat.device.type == "cpu" and not torch.compiler.is_compiling():
         outside = h_hat.detach()[h_hat.detach().abs() > 1.0]
         if outside.numel():
@@ -255,7 +264,7 @@ def redistribution_scale(h_hat: torch.Tensor, ratio: torch.Tensor, *,
       ratio: (...) float importance ratio r, same shape as ``h_hat``.
       eps_low, eps_high: ε_low, ε_high ≥ 0, floats or tensors broadcastable to ``ratio``
         (e.g. the per-token adaptive bounds of ``adaptive_clip_bounds``).
-      beta: β, the redistribution strength.
+      beta: β in [0, 1], the redistribution strength (not checked here: ``check_beta``).
       out: optional tensor the result is written into (may be ``h_hat`` itself, which then
         is overwritten); default a new tensor.
 

@@ -14,7 +14,8 @@ parallel) the means, the token count and the selection cover every rank's tokens
 as one process would on the concatenated batch: means are one all-reduce of three numbers;
 selections are radix selections with all-reduced 256-bin histograms plus one all-gather of
 an int per rank for the tie order. No per-token value is gathered; no host sync on
-accelerators.
+accelerators. Every argument is checked before the first collective, so that a bad one
+raises before any communication.
 
 Selection rules (both exact in count):
   - ordering keys are compared in float32 (covariances rounded to float32);
@@ -35,7 +36,8 @@ from hapo_ops._utils.validation import ScalarOrTensor, check_choice, check_float
 from hapo_ops._utils.collectives import (ProcessGroup, all_reduce_sum, check_process_group,
                                   exclusive_prefix_sum)
 from hapo_ops.rl.losses import (AGGREGATION_MODES, PolicyLossOutput, aggregate_loss,
-                                check_clip_eps, check_loss_weights, check_policy_inputs,
+                                check_clip_eps, check_denominators, check_loss_weights,
+                                check_policy_inputs,
                                 clamped_log_ratio, clipped_surrogate, masked_advantages,
                                 loss_dtype, masked_mean, ratio_and_advantages)
 
@@ -67,33 +69,46 @@ def _check_common(log_ratio_clamp: float, agg: str, group: object) -> tuple[floa
 
 class _CovarianceInputs(NamedTuple):
     logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
     valid: torch.Tensor
     weights: torch.Tensor | None
     group: ProcessGroup | None
     cov_fraction: float
-    log_ratio: torch.Tensor
-    ratio: torch.Tensor
-    advantages: torch.Tensor
-    cov: torch.Tensor
-    count: torch.Tensor
+    log_ratio_clamp: float
 
 
-def _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction, log_ratio_clamp,
-                       agg, group, weights) -> _CovarianceInputs:
-    """What Clip-Cov and KL-Cov share: checked inputs, the ratio and masked advantages
-    (float32 math for 16-bit inputs), and each token's centred covariance with its count."""
+def _check_covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
+                             log_ratio_clamp, agg, group, weights, num_tokens, num_sequences,
+                             normalizer) -> _CovarianceInputs:
+    """The arguments Clip-Cov and KL-Cov share, checked (given denominators included):
+    each loss checks its own too before ``_ratio_and_covariance``'s first collective, so
+    that a bad argument raises on every rank and none is left waiting in an all-reduce."""
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
     cov_fraction = check_float("cov_fraction", cov_fraction, min_value=0.0,
                                min_inclusive=False, max_value=1.0)
     log_ratio_clamp, group = _check_common(log_ratio_clamp, agg, group)
     weights = check_loss_weights(weights, logprobs)
-    log_ratio, ratio, adv = ratio_and_advantages(logprobs, old_logprobs, advantages, valid,
-                                                 log_ratio_clamp)
+    check_denominators(torch.empty((), dtype=loss_dtype(logprobs.dtype),
+                                   device=logprobs.device),
+                       num_tokens=num_tokens, num_sequences=num_sequences,
+                       normalizer=normalizer)
+    return _CovarianceInputs(logprobs, old_logprobs, advantages, valid, weights, group,
+                             cov_fraction, log_ratio_clamp)
+
+
+def _ratio_and_covariance(inputs: _CovarianceInputs
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """(log r, r, masked advantages, Cov_t, global valid-token count): the ratio (float32
+    math for 16-bit inputs) and each token's centred covariance; the first collective."""
+    log_ratio, ratio, adv = ratio_and_advantages(inputs.logprobs, inputs.old_logprobs,
+                                                 inputs.advantages, inputs.valid,
+                                                 inputs.log_ratio_clamp)
     with torch.no_grad():
-        cov, count = _centred_covariance(adv, logprobs, valid, group)
-    return _CovarianceInputs(logprobs, valid, weights, group, cov_fraction, log_ratio, ratio,
-                             adv, cov, count)
+        cov, count = _centred_covariance(adv, inputs.logprobs, inputs.valid, inputs.group)
+    return log_ratio, ratio, adv, cov, count
 
 
 def _k3(ratio: torch.Tensor, log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -290,15 +305,15 @@ def clip_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       Cui et al., 2025, *The Entropy Mechanism of Reinforcement Learning for Reasoning
       Language Models*, arXiv 2505.22617.
     """
-    inputs = _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
-                                log_ratio_clamp, agg, group, weights)
+    inputs = _check_covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
+                                      log_ratio_clamp, agg, group, weights, num_tokens,
+                                      num_sequences, normalizer)
     logprobs, valid, weights, group = inputs.logprobs, inputs.valid, inputs.weights, inputs.group
-    log_ratio, ratio, adv, cov, count = (inputs.log_ratio, inputs.ratio, inputs.advantages,
-                                         inputs.cov, inputs.count)
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True, allow_one=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     cov_lower, cov_upper = _check_bounds(cov_bounds)
     _check_randomness(seed, generator)
+    log_ratio, ratio, adv, cov, count = _ratio_and_covariance(inputs)   # collectives from here
 
     zero = torch.zeros((), dtype=ratio.dtype, device=logprobs.device)
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
@@ -378,12 +393,12 @@ def kl_cov_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
       Cui et al., 2025, *The Entropy Mechanism of Reinforcement Learning for Reasoning
       Language Models*, arXiv 2505.22617.
     """
-    inputs = _covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
-                                log_ratio_clamp, agg, group, weights)
+    inputs = _check_covariance_inputs(logprobs, old_logprobs, advantages, mask, cov_fraction,
+                                      log_ratio_clamp, agg, group, weights, num_tokens,
+                                      num_sequences, normalizer)
     valid, weights, group = inputs.valid, inputs.weights, inputs.group
-    log_ratio, ratio, adv, cov, count = (inputs.log_ratio, inputs.ratio, inputs.advantages,
-                                         inputs.cov, inputs.count)
     kl_coef = check_float("kl_coef", kl_coef, min_value=0.0)
+    log_ratio, ratio, adv, cov, count = _ratio_and_covariance(inputs)   # collectives from here
 
     zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     with torch.no_grad():

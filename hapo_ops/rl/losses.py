@@ -14,9 +14,9 @@ import torch
 from hapo_ops._utils.validation import (ScalarOrTensor, check_choice, check_float,
                                   check_float_or_tensor, check_mask, check_same_device,
                                   check_same_shape, check_tensor, check_variant)
-from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum
+from hapo_ops._utils.collectives import ProcessGroup, all_reduce_sum, check_process_group
 from hapo_ops.entropy.signal import EntropyStats, entropy_stats, normalized_entropy
-from hapo_ops.rl.advantages import redistribution_scale
+from hapo_ops.rl.advantages import check_beta, redistribution_scale
 
 AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                      "seq-mean-token-sum-norm")
@@ -38,6 +38,10 @@ class PolicyLossOutput(NamedTuple):
     h_hat: the per-token normalized entropy ĥ the loss used (``hapo_policy_loss``), in the
     loss dtype, 0 outside the mask; a zero tensor shaped like ``per_token`` for the losses
     without ĥ. Detached.
+
+    An empty batch ((0, L) or (B, 0), e.g. a data-parallel rank with nothing to train on)
+    gives a loss of 0 with a zero gradient of the input's shape, empty per-token fields and
+    metrics of 0; with ``group=`` such a rank still joins the collectives.
     """
 
     loss: torch.Tensor
@@ -83,7 +87,7 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
     ValueError otherwise); the widened ε_low' may reach 1 or more, which only removes the
     lower clip of those tokens (r > 0 ≥ 1 - ε_low').
     """
-    h_hat = check_tensor("h_hat", h_hat, floating=True)
+    h_hat = check_tensor("h_hat", h_hat, floating=True, allow_empty=True)
     eps_low = check_clip_eps("eps_low", eps_low, h_hat, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, h_hat, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
@@ -91,16 +95,11 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, *, eps_low: ScalarOrTensor = 0.2,
 
 
 def _widened_eps(h_hat: torch.Tensor, eps_low: ScalarOrTensor, eps_high: ScalarOrTensor,
-                 alpha: float, *, as_ratio_bounds: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε_low', ε_high') = (ε_low + ε_low·α·(-min(ĥ, 0)), ε_high + ε_high·α·max(ĥ, 0)), the
-    where-form above in three passes each; with ``as_ratio_bounds`` the ratio bounds
-    (1 - ε_low', 1 + ε_high') = (1 - ε_low + ε_low·α·min(ĥ, 0), 1 + ε_high + ε_high·α·max(ĥ, 0)),
-    also in three passes."""
-    sign = -1.0 if as_ratio_bounds else 1.0
-    offset = 1.0 if as_ratio_bounds else 0.0
-    low = h_hat.clamp(max=0.0).mul_(-sign * alpha * eps_low).add_(offset + sign * eps_low)
-    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(offset + eps_high)
+    where-form above in three passes each."""
+    low = h_hat.clamp(max=0.0).mul_(-alpha * eps_low).add_(eps_low)
+    high = h_hat.clamp(min=0.0).mul_(alpha * eps_high).add_(eps_high)
     return low, high
 
 
@@ -124,10 +123,10 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     A given denominator (number or one-element tensor) must be > 0 and is used as given
     (see ``given_denominator``: values are checked on the CPU; on an accelerator a 0 gives
     inf or NaN). A default denominator counted from an empty mask counts as 1, so an
-    all-masked batch gives 0, not NaN.
+    all-masked or empty batch ((0, L), (B, 0)) gives 0, not NaN.
     """
-    per_token = check_tensor("per_token", per_token, floating=True)
-    valid = check_mask("mask", mask, per_token.shape)
+    per_token = check_tensor("per_token", per_token, floating=True, allow_empty=True)
+    valid = check_mask("mask", mask, per_token.shape, allow_empty=True)
     check_same_device("mask", valid, "per_token", per_token)
     mode = check_choice("mode", mode, AGGREGATION_MODES)
     scale = aggregation_scale(valid, mode, per_token.dtype, num_tokens=num_tokens,
@@ -147,9 +146,8 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     uses it. It is also ∂loss/∂ℓ, the upstream gradient of every valid token."""
     mode = check_choice("mode", mode, AGGREGATION_MODES)
     ref = torch.empty((), dtype=dtype, device=valid.device)
-    given = {name: given_denominator(name, value, ref) for name, value in
-             (("num_tokens", num_tokens), ("num_sequences", num_sequences),
-              ("normalizer", normalizer)) if value is not None}
+    given = check_denominators(ref, num_tokens=num_tokens, num_sequences=num_sequences,
+                               normalizer=normalizer)
     if mode == "token-sum":
         return torch.ones((), dtype=dtype, device=valid.device)
     if mode == "token-mean":
@@ -172,6 +170,19 @@ def aggregation_scale(valid: torch.Tensor, mode: str, dtype: torch.dtype, *,
     if mode == "seq-mean-token-sum":
         return denominator.reciprocal()
     return (lengths.clamp_min(1).to(dtype) * denominator).reciprocal()
+
+
+def check_denominators(ref: torch.Tensor, *, num_tokens: float | torch.Tensor | None = None,
+                       num_sequences: float | torch.Tensor | None = None,
+                       normalizer: float | torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The given denominators of ``aggregate_loss`` by name, each checked
+    (``given_denominator``) and as a 0-d tensor of ``ref``'s dtype and device. A loss that
+    all-reduces calls it before its first collective, so that a bad value raises on every
+    rank before any rank waits on the others."""
+    return {name: given_denominator(name, value, ref) for name, value in
+            (("num_tokens", num_tokens), ("num_sequences", num_sequences),
+             ("normalizer", normalizer)) if value is not None}
 
 
 def scaled_sum(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -219,6 +230,7 @@ def global_token_count(mask: torch.Tensor | Sequence[torch.Tensor],
     A rank with no tokens (an empty mask) contributes 0 and still takes part in the
     all-reduce.
     """
+    group = check_process_group("group", group)
     return all_reduce_sum(_count(mask, lambda valid: valid.sum(dtype=torch.int64)), group)
 
 
@@ -226,6 +238,7 @@ def global_sequence_count(mask: torch.Tensor | Sequence[torch.Tensor],
                           group: ProcessGroup | None = None) -> torch.Tensor:
     """N_seq = Σ over ranks and micro-batches of the rows with a valid token (int64 0-d),
     the ``num_sequences`` of the sequence-mean modes of ``aggregate_loss``."""
+    group = check_process_group("group", group)
     return all_reduce_sum(_count(mask, lambda valid: valid.reshape(valid.shape[0], -1)
                                  .any(-1).sum(dtype=torch.int64)), group)
 
@@ -248,17 +261,17 @@ def check_policy_inputs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated (logprobs, old_logprobs, advantages broadcast to the token shape, bool mask)."""
-    logprobs = check_tensor("logprobs", logprobs, floating=True)
-    old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True)
+    logprobs = check_tensor("logprobs", logprobs, floating=True, allow_empty=True)
+    old_logprobs = check_tensor("old_logprobs", old_logprobs, floating=True, allow_empty=True)
     check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     check_same_device("old_logprobs", old_logprobs, "logprobs", logprobs)
     if old_logprobs.dtype != logprobs.dtype:
         raise TypeError(f"old_logprobs must have the dtype of logprobs ({logprobs.dtype}), "
                         f"got {old_logprobs.dtype}")
-    advantages = check_tensor("advantages", advantages, floating=True)
+    advantages = check_tensor("advantages", advantages, floating=True, allow_empty=True)
     check_same_device("advantages", advantages, "logprobs", logprobs)
     advantages = per_token_view("advantages", advantages, logprobs)
-    valid = check_mask("mask", mask, logprobs.shape)
+    valid = check_mask("mask", mask, logprobs.shape, allow_empty=True)
     check_same_device("mask", valid, "logprobs", logprobs)
     return logprobs, old_logprobs, advantages, valid
 
@@ -306,12 +319,13 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
                       log_ratio_clamp: float) -> torch.Tensor:
-    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype (differentiable), 0 at
-    masked positions (whatever they hold)."""
+    """clamp(logp - logp_old, ±log_ratio_clamp) in the loss dtype, 0 at masked positions
+    (whatever they hold), with no gradient there: differentiable in ``logprobs`` (the
+    companion losses), or without gradient under ``torch.no_grad`` (the fused loss). One
+    new tensor, masked and clamped in place."""
     dtype = loss_dtype(logprobs.dtype)
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), zero)
-    return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    log_ratio = torch.sub(logprobs.to(dtype), old_logprobs.to(dtype))
+    return log_ratio.masked_fill_(~valid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
 
 
 def masked_advantages(advantages: torch.Tensor, valid: torch.Tensor,
@@ -354,14 +368,12 @@ def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: ScalarOrT
 
 
 def _log_ratio_and_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                         invalid: torch.Tensor, log_ratio_clamp: float
+                         valid: torch.Tensor, log_ratio_clamp: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(logp - logp_old, ±clamp), its exp) in the loss dtype, no gradient, 0 and 1 at
-    masked positions."""
-    dtype = loss_dtype(logprobs.dtype)
+    """(``clamped_log_ratio``, its exp), no gradient: 0 and 1 at masked positions."""
     with torch.no_grad():
-        log_ratio = torch.sub(logprobs.detach().to(dtype), old_logprobs.detach().to(dtype))
-        log_ratio.masked_fill_(invalid, 0.0).clamp_(-log_ratio_clamp, log_ratio_clamp)
+        log_ratio = clamped_log_ratio(logprobs.detach(), old_logprobs.detach(), valid,
+                                      log_ratio_clamp)
         return log_ratio, log_ratio.exp()
 
 
@@ -522,7 +534,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     scale = aggregation_scale(valid, agg, loss_dtype(logprobs.dtype), num_tokens=num_tokens,
                               num_sequences=num_sequences, normalizer=normalizer)
     invalid = ~valid
-    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid, log_ratio_clamp)
+    log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, valid, log_ratio_clamp)
     coef = _loss_coefficient(advantages, weights, valid, ratio.dtype)
     return _clipped_loss(logprobs, valid, invalid, log_ratio, ratio, coef, 1.0 - eps_low,
                          1.0 + eps_high, dual_clip, log_ratio_clamp, scale)
@@ -570,7 +582,8 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         default: from this call's entropy and mask.
       variant: "paper" or "released".
       eps_low: base ε_low in [0, 1) (float or tensor); eps_high: base ε_high ≥ 0.
-      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β, the redistribution strength.
+      alpha: α ≥ 0, how far ĥ widens the bounds; beta: β in [0, 1], the
+        redistribution strength (β ≤ 1 keeps every advantage's sign).
       quantile: q in [0, 1] of the entropy pivot (when ``stats`` is None).
       dual_clip: c > 1 or None; log_ratio_clamp: bound on |log r| (> 0).
       entropy_eps: floor of H before the log.
@@ -599,14 +612,14 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """
     logprobs, old_logprobs, advantages, valid = check_policy_inputs(
         logprobs, old_logprobs, advantages, mask)
-    entropy = check_tensor("entropy", entropy, floating=True)
+    entropy = check_tensor("entropy", entropy, floating=True, allow_empty=True)
     check_same_shape("entropy", entropy, "logprobs", logprobs)
     check_same_device("entropy", entropy, "logprobs", logprobs)
     variant = check_variant(variant)
     eps_low = check_clip_eps("eps_low", eps_low, logprobs, lower=True)
     eps_high = check_clip_eps("eps_high", eps_high, logprobs, lower=False)
     alpha = check_float("alpha", alpha, min_value=0.0)
-    beta = check_float("beta", beta)
+    beta = check_beta(beta)
     dual_clip = _check_dual_clip(dual_clip)
     log_ratio_clamp = check_float("log_ratio_clamp", log_ratio_clamp, min_value=0.0,
                                   min_inclusive=False)
@@ -626,7 +639,7 @@ def hapo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         # ε' themselves (not the ratio bounds 1 ∓ ε'), so that the neutral zone's edges
         # 1 ∓ ε'/2 are those of redistribute_advantages with adaptive_clip_bounds' ε'
         widened_low, widened_high = _widened_eps(h_hat, eps_low, eps_high, alpha)
-        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, invalid,
+        log_ratio, ratio = _log_ratio_and_ratio(logprobs, old_logprobs, valid,
                                                 log_ratio_clamp)
         coef = _loss_coefficient(advantages, weights, valid, dtype)
         coef.mul_(redistribution_scale(h_hat, ratio, eps_low=widened_low,

@@ -52,7 +52,9 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
     Args:
       logits: (..., V), any float dtype, any leading shape (an empty batch, e.g. (0, V),
         gives empty results and an empty gradient; V must be ≥ 1); any strides (a contiguous
-        last dim is fastest). Math in float32. -inf entries have probability 0; +inf entries share all the mass
+        last dim is fastest). Math in float32. -inf entries have probability 0 (a label there
+        has logp -inf and autograd's gradient of log softmax, (1[v = y] - p_v)/T, 1/T at the
+        label; a label outside a truncated distribution's kept set has none); +inf entries share all the mass
         (the limit of those logits growing together: one +inf entry gives logp 0 there,
         -inf elsewhere, and H = 0); a NaN logit makes its row's results NaN; a row with no
         finite or +inf entry has no distribution and gives NaN.

@@ -156,14 +156,19 @@ def finish(stats: RowStatistics, inv_temperature: torch.Tensor
 
 
 def mask_logprobs(logp: torch.Tensor, labels: torch.Tensor, label_found: torch.Tensor,
-                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  ignore_index: int, *, truncated: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The label rule of every op: logp 0 where ``labels == ignore_index``, NaN where the label
     is not found in the vocabulary (``label_found`` False: outside [0, V), or held by no
-    shard; see ``shard_labels``). Returns (logp, rows whose logp has a gradient: found, not
-    ignored, and of nonzero probability; a label outside a truncated distribution's kept
-    set, or at a -inf logit, has logp = -inf and no gradient)."""
+    shard; see ``shard_labels``). Returns (logp, rows whose logp has a gradient: found and
+    not ignored). Over the whole vocabulary a label at a -inf logit has logp = -inf and
+    autograd's gradient of log softmax, (1[v = y] - p_v)/T (1/T at the label); in a
+    ``truncated`` distribution a label of probability 0 (outside the kept set) has logp =
+    -inf and no gradient."""
     ignored = labels == ignore_index
-    has_gradient = label_found & ~ignored & (logp != float("-inf"))
+    has_gradient = label_found & ~ignored
+    if truncated:
+        has_gradient &= logp != float("-inf")
     logp = torch.where(label_found, logp, float("nan"))
     logp = torch.where(ignored, 0.0, logp)
     return logp, has_gradient
@@ -266,7 +271,7 @@ def shard_labels(labels: torch.Tensor, vocab: int, ignore_index: int,
 
 def combine_vocab_shards(stats: RowStatistics, labels: torch.Tensor, has_label: torch.Tensor,
                          inv_temperature: torch.Tensor, ignore_index: int, group, *,
-                         check_found: bool
+                         check_found: bool, truncated: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, H, state, logp_ok) of the whole vocabulary on every rank of ``group`` from this
     shard's statistics (``group`` None: the statistics are of the whole vocabulary, and the
@@ -274,7 +279,8 @@ def combine_vocab_shards(stats: RowStatistics, labels: torch.Tensor, has_label: 
     all-reduce SUM of 5·N: 24 bytes per token in fp32, independent of V), ``finish`` and
     the label rule, a label held by no shard counting as out of range (NaN; with
     ``check_found`` a ValueError on every rank, since the check follows the all-reduce).
-    ``logp_ok`` (N,) marks the rows whose logp has a gradient."""
+    ``logp_ok`` (N,) marks the rows whose logp has a gradient (``mask_logprobs``, with
+    ``truncated`` for a distribution over a subset of the vocabulary)."""
     combined, found = combine_parts(
         stats, has_label, inv_temperature,
         reduce_max=lambda x: all_reduce_max(x, group), reduce_sum=lambda x: all_reduce_sum(x, group))
@@ -283,7 +289,7 @@ def combine_vocab_shards(stats: RowStatistics, labels: torch.Tensor, has_label: 
     if check_found and bool(missing.any()):
         raise ValueError(f"labels must be global ids held by some vocabulary shard or equal "
                          f"ignore_index={ignore_index}; found {int(missing.sum())} in no shard")
-    logp, logp_ok = mask_logprobs(logp, labels, found > 0, ignore_index)
+    logp, logp_ok = mask_logprobs(logp, labels, found > 0, ignore_index, truncated=truncated)
     return logp.to(torch.float32), entropy.to(torch.float32), state, logp_ok
 
 

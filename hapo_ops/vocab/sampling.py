@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from hapo_ops._utils.validation import check_float, check_tensor, check_variant
+from hapo_ops._utils.validation import check_float, check_tau, check_tensor, check_variant
 from hapo_ops.entropy.signal import EntropyStats
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy, token_logprobs
@@ -252,8 +252,9 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
 
     H_row = entropy of softmax(z_row) (T = 1), ĥ = ``normalized_entropy(H, stats,
     variant=variant)``, T = ``adaptive_temperature(H, stats, ...)``; ``stats=None`` (no
-    training batch yet) gives T = T_base for every row. Source: HAPO (arXiv 2509.16591)
-    §3.1;
+    training batch yet) gives T = T_base for every row. |τ| < 1 (T > 0); τ < 0 inverts
+    the adaptation (high-entropy rows sample cooler), as in ``adaptive_temperature``.
+    Source: HAPO (arXiv 2509.16591) §3.1;
 
     Args:
       logits: (B, V) float logits of the next token (any float dtype; math in fp32).
@@ -288,8 +289,7 @@ def adaptive_temperature_sample(logits: torch.Tensor, stats: EntropyStats | None
     stats = _check_stats(stats)
     base_temperature = check_float("base_temperature", base_temperature, min_value=0.0,
                                    min_inclusive=False)
-    tau = check_float("tau", tau, min_value=-1.0, min_inclusive=False, max_value=1.0,
-                      max_inclusive=False)
+    tau = check_tau("tau", tau)
     variant = check_variant(variant)
     _check_seed(seed, generator)
     top_k, top_p = _check_truncation(top_k, top_p, logits)

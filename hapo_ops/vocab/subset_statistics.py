@@ -169,13 +169,16 @@ def subset_forward(logits: torch.Tensor, labels: torch.Tensor, local_labels: tor
         logp, entropy, state = logprob_entropy_forward(logits, labels, temperature,
                                                        scalar_temperature, ignore_index,
                                                        threshold=threshold)
-        has_gradient = (local_labels >= 0) & (logp != float("-inf"))
+        has_gradient = local_labels >= 0            # the rule of ``mask_logprobs``
+        if threshold is not None:
+            has_gradient = has_gradient & (logp != float("-inf"))
         return logp.view(token_shape), entropy.view(token_shape), state, has_gradient
     stats = partial_statistics(logits, local_labels, temperature, scalar_temperature, impl,
                                chunk_tokens, threshold, kept_ids)
     inv_t = inverse_temperature(temperature, scalar_temperature, labels.numel(), logits.device)
     logp, entropy, state, has_gradient = combine_vocab_shards(
-        stats, labels, local_labels >= 0, inv_t, ignore_index, group, check_found=check_found)
+        stats, labels, local_labels >= 0, inv_t, ignore_index, group, check_found=check_found,
+        truncated=threshold is not None or kept_ids is not None)
     return logp.view(token_shape), entropy.view(token_shape), state, has_gradient
 
 

@@ -5,7 +5,8 @@ Source: HAPO, arXiv 2509.16591. This package is the entry point of verl's plugin
 every process and :func:`register` (run at import) registers the advantage estimators
 ``hapo_tlga`` / ``hapo_tlga_released`` and the actor-loss dispatcher; where
 ``VERL_ENGINE_VENDOR=hapo`` it also imports :mod:`~hapo_ops.integrations.verl.engine`, which
-registers HAPO's engine. See :mod:`hapo_ops.integrations.verl.loss`.
+registers HAPO's engine (and :mod:`~hapo_ops.integrations.verl.megatron_engine` where
+megatron-core is installed). See :mod:`hapo_ops.integrations.verl.loss`.
 
 Modules, each importing only those above it:
 
@@ -19,6 +20,8 @@ Modules, each importing only those above it:
   :func:`hapo_loss` and the loss dispatcher;
 - :mod:`~hapo_ops.integrations.verl.engine`: HAPO's FSDP engine (exact T = 1 entropy,
   per-token temperature);
+- :mod:`~hapo_ops.integrations.verl.megatron_engine`: the same for verl's Megatron strategy,
+  on the tensor-parallel vocabulary shards (imported where megatron-core is installed);
 - :mod:`~hapo_ops.integrations.verl.rollout`: the agent-loop manager and agent loop that
   carry the statistics into vLLM requests, and the ``rollout/hapo/*`` metrics.
 """
@@ -33,6 +36,7 @@ from hapo_ops.integrations.verl.loss import (ESTIMATORS, VERL_PPO_LOSS, HAPOPoli
                                              register_advantage_estimators, set_global_batch_info,
                                              verl_extra_terms)
 
+import importlib.util as _importlib_util
 import logging as _logging
 import os as _os
 
@@ -43,6 +47,11 @@ if _os.environ.get("VERL_ENGINE_VENDOR", "") == _ENGINE_VENDOR:
     # this process builds its language-model engine from the vendor key "hapo"
     try:
         from hapo_ops.integrations.verl import engine  # noqa: F401  (registers the engine)
+
+        if _importlib_util.find_spec("megatron") is not None and (
+                _importlib_util.find_spec("megatron.core") is not None):
+            # and its Megatron engine, where megatron-core is installed
+            from hapo_ops.integrations.verl import megatron_engine  # noqa: F401
     except Exception:
         _logging.getLogger(__name__).error(
             "hapo_ops: VERL_ENGINE_VENDOR=hapo but HAPO's verl engine could not be registered",

@@ -284,7 +284,7 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return model_output
 
 
-@EngineRegistry.register(model_type="language_model", backend=["megatron", "veomni", "torchtitan"],
+@EngineRegistry.register(model_type="language_model", backend=["veomni", "torchtitan"],
                          device=["cuda", "npu"], vendor=ENGINE_VENDOR)
 class HAPOUnsupportedEngine(BaseEngine):
     """Stands where ``VERL_ENGINE_VENDOR=hapo`` meets a backend HAPO's engine does not cover,
@@ -293,11 +293,9 @@ class HAPOUnsupportedEngine(BaseEngine):
 
     def __init__(self, *args, **kwargs):
         raise NotImplementedError(
-            "HAPO's verl engine (VERL_ENGINE_VENDOR=hapo) exists for the fsdp/fsdp2 strategies "
-            "only. For Megatron it would be the same subclass of verl's Megatron engine, with "
-            "the per-token entropy and log-probs from the tensor-parallel vocabulary shards "
-            "(hapo_ops.vocab_parallel_logprobs_and_entropy) on the last pipeline stage; use "
-            "actor_rollout_ref.actor.strategy=fsdp2 or unset VERL_ENGINE_VENDOR")
+            "HAPO's verl engine (VERL_ENGINE_VENDOR=hapo) exists for the fsdp/fsdp2 and "
+            "megatron strategies only; use actor_rollout_ref.actor.strategy=fsdp2 (or megatron) "
+            "or unset VERL_ENGINE_VENDOR")
 
 
 __all__ = [
