@@ -79,6 +79,17 @@ def publish_entropy_stats(stats: EntropyStats, step: int = -1, board=None) -> No
     ray.get(board.put.remote((*(float(v) for v in stats), float(step))))
 
 
+def publish_engine_stats(stats: EntropyStats, step: int, board=None) -> None:
+    """What an actor engine does with its batch's statistics: :func:`publish_entropy_stats`
+    inside a Ray job; outside one (the engine driven alone: no HAPO rollout to feed) an
+    ERROR is logged instead. Shared by the FSDP and the Megatron engine."""
+    if not ray.is_initialized():
+        logger.error("hapo_ops: the entropy statistics of step %d are not published: Ray is "
+                     "not running (no HAPO rollout to feed)", step)
+        return
+    publish_entropy_stats(stats, step, board=board)
+
+
 def latest_entropy_stats(board=None) -> PublishedStats | None:
     """The statistics last published, or None (no training batch yet, or no board)."""
     board = stats_board() if board is None else board
@@ -90,4 +101,4 @@ def latest_entropy_stats(board=None) -> PublishedStats | None:
 
 
 __all__ = ["EntropyStatsBoard", "PublishedStats", "STATS_BOARD_NAME", "latest_entropy_stats",
-           "publish_entropy_stats", "stats_board"]
+           "publish_engine_stats", "publish_entropy_stats", "stats_board"]

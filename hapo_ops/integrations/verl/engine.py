@@ -45,7 +45,7 @@ import torch
 
 import hapo_ops
 from hapo_ops.entropy.signal import EntropyStats
-from hapo_ops.integrations.verl.board import publish_entropy_stats, stats_board
+from hapo_ops.integrations.verl.board import publish_engine_stats, stats_board
 from hapo_ops.integrations.verl.settings import ENGINE_VENDOR, RolloutSettings
 from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_FIELDS, ROLLOUT_STATS_KEY,
                                              TOKEN_TEMPERATURE_KEY, VARIANT_CODES, column,
@@ -162,12 +162,8 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
         outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
         :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
-        if not ray.is_initialized():
-            logger.error("hapo_ops: the entropy statistics of step %d are not published: Ray is "
-                         "not running (no HAPO rollout to feed)", self.hapo_batch_step)
-            return
-        publish_entropy_stats(self.hapo_batch_stats, self.hapo_batch_step,
-                              board=getattr(self, "hapo_stats_board", None))
+        publish_engine_stats(self.hapo_batch_stats, self.hapo_batch_step,
+                             board=getattr(self, "hapo_stats_board", None))
 
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None,
                         **kwargs):

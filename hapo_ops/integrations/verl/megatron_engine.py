@@ -52,20 +52,18 @@ module where megatron-core is installed).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 import hapo_ops
-from hapo_ops.integrations.verl.board import publish_entropy_stats
+from hapo_ops.integrations.verl.board import publish_engine_stats
 from hapo_ops.integrations.verl.engine import token_temperature
 from hapo_ops.integrations.verl.settings import ENGINE_VENDOR
 from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY, column,
                                              dense_stats_rows, row_settings)
 
 try:
-    import ray
     from megatron.core import parallel_state as mpu
     from verl.models.mcore.util import preprocess_bshd_engine, preprocess_thd_engine
     from verl.utils import tensordict_utils as tu
@@ -77,8 +75,6 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl / megatron-core
     raise ImportError("hapo_ops.integrations.verl.megatron_engine needs verl and megatron-core: "
                       "pip install 'hapo-ops[verl]' megatron-core mbridge") from exc
-
-logger = logging.getLogger(__name__)
 
 
 def refuse_unsupported(*, use_fused_kernels: bool = False, distillation_use_topk: bool = False,
@@ -138,12 +134,8 @@ class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
         """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
         outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
         :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
-        if not ray.is_initialized():
-            logger.error("hapo_ops: the entropy statistics of step %d are not published: Ray is "
-                         "not running (no HAPO rollout to feed)", self.hapo_batch_step)
-            return
-        publish_entropy_stats(self.hapo_batch_stats, self.hapo_batch_step,
-                              board=getattr(self, "hapo_stats_board", None))
+        publish_engine_stats(self.hapo_batch_stats, self.hapo_batch_step,
+                             board=getattr(self, "hapo_stats_board", None))
 
     def _response_entropy_stats(self, outputs: dict, data, rows: torch.Tensor
                                 ) -> hapo_ops.EntropyStats:
