@@ -91,13 +91,15 @@ def block_statistics(z: torch.Tensor, inv_temperature: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M, rest, spread) of saturated logits ``z`` (n, V) at 1/T ``inv_temperature`` (n,).
 
-    Two V-sized temporaries (the scaled gaps, then their exponentials), both in place; z is
-    not modified.
+    Two V-sized temporaries (the scaled gaps, then their exponentials), both in place, and
+    the product of the spread's sum; z is not modified. No op here is one that autocast
+    lowers (``linalg.vecdot`` would run in bfloat16 under CPU autocast): the math is float32
+    whatever the caller's autocast, and the same on every thread (``for_each_block``).
     """
     row_max, argmax = z.max(-1, keepdim=True)
     gap = torch.sub(row_max, z).mul_(inv_temperature[:, None].to(z.dtype))  # (M - z)/T ≥ 0
     weights = torch.neg(gap).exp_()
-    spread = torch.linalg.vecdot(weights, gap)
+    spread = torch.mul(weights, gap).sum(-1)
     del gap
     rest = weights.scatter_(-1, argmax, 0.0).sum(-1)
     return row_max[:, 0], rest, spread
