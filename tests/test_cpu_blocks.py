@@ -39,8 +39,9 @@ def test_crew_and_block_sizes():
             assert block_threads(2 * MIN_LOGITS_PER_THREAD, CPU) == 2
         assert block_threads(MIN_LOGITS_PER_THREAD - 1, CPU) == 1
     assert block_threads(10**9, torch.device("meta")) == 1
-    assert block_rows(64, 6, 2) == 6      # enough blocks: the block size stays
-    assert block_rows(5, 6, 2) == 3       # one block per thread
+    assert block_rows(64, 6, 2) == 3      # the rows of one block shared by the threads
+    assert block_rows(64, 6, 1) == 6
+    assert block_rows(5, 12, 2) == 3      # one block per thread
     assert block_rows(1, 6, 4) == 1
 
 

@@ -42,8 +42,10 @@ MIN_LOGITS_PER_THREAD = 1 << 17
 def one_thread_per_block(device: torch.device) -> bool:
     """Whether ``for_each_block`` runs blocks with one intra-op thread on ``device``: a CPU
     with an OpenMP build of PyTorch, where the intra-op thread count is each thread's own
-    (``torch.set_num_threads`` elsewhere resizes one shared pool)."""
-    return device.type == "cpu" and torch.backends.openmp.is_available()
+    (``torch.set_num_threads`` elsewhere resizes one shared pool), outside a
+    ``torch.compile`` trace (which records the ops of the blocks in order instead)."""
+    return (device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.backends.openmp.is_available())
 
 
 def block_threads(logits: int, device: torch.device) -> int:
@@ -56,9 +58,11 @@ def block_threads(logits: int, device: torch.device) -> int:
 
 
 def block_rows(n_rows: int, chunk_tokens: int, threads: int) -> int:
-    """Rows per block: ``chunk_tokens``, or fewer where the batch holds fewer blocks than
-    ``threads``, so that each thread gets one."""
-    return max(1, min(chunk_tokens, math.ceil(n_rows / threads)))
+    """Rows per block when ``threads`` threads each hold one block at a time: the
+    ``chunk_tokens`` rows of one block shared among them (the same rows in flight, so the
+    same memory, and each thread's block stays in its cache), and no more than one block
+    per thread for a small batch."""
+    return max(1, min(math.ceil(chunk_tokens / threads), math.ceil(n_rows / threads)))
 
 
 def _no_graph(inference: bool) -> contextlib.AbstractContextManager:
