@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any
 
-SUITES = ("trainer", "logprob", "linear", "distributed", "sampler", "replay")
+SUITES = ("trainer", "logprob", "linear", "distributed", "sampler", "replay", "contention")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of hapo_ops: trainer-side ops at the size of one RL step, "
                     "log-prob + entropy from logits (against eager, and on CUDA "
                     "torch.compile and Liger-Kernel) and from hidden states, the "
-                    "adaptive-temperature sampler, sampling replay and the bytes of the "
-                    "distributed ops. Tables (median and min–max of the repetitions) go to "
-                    "stdout, progress to stderr; nothing is saved without --out.")
+                    "adaptive-temperature sampler, sampling replay, the bytes of the "
+                    "distributed ops and (CPU) the torch paths beside plain torch under a "
+                    "busy-loop load the run starts and stops itself. Tables (median and "
+                    "min–max of the repetitions) go to stdout, progress to stderr; nothing "
+                    "is saved without --out.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller trainer batch (1024 responses), fewer CPU tokens, "
                              "shorter CUDA timing")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import common, linear, logprob_entropy, report, trainer_ops
     from benchmarks import distributed as distributed_bench
-    from benchmarks import replay, sampler
+    from benchmarks import contention, replay, sampler
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if "replay" in suites:
             replay.run(device, config, results, quick=args.quick, smoke=args.smoke,
                        copy_gbps=copy.gbps, deadline=deadline)
+        if "contention" in suites:
+            contention.run(device, config, results, quick=args.quick, smoke=args.smoke,
+                           deadline=deadline)
     except (Interrupted, KeyboardInterrupt) as exc:
         metadata["interrupted"] = str(exc) or type(exc).__name__
         common.log(f"interrupted ({metadata['interrupted']}): writing partial results")

@@ -218,6 +218,33 @@ def replay_table(doc: dict[str, Any]) -> str:
     return table(headers, rows)
 
 
+def contention_table(doc: dict[str, Any]) -> str:
+    """CPU under contention: each row against torch-eager at the same load and against
+    itself with no added load."""
+    headers = ["op, load", "impl", "dtype", "B", "V", "median ms", "min–max", "reps",
+               "vs torch-eager", "vs no added load", "note"]
+    rows = []
+    for r in _rows(doc, "contention"):
+        op = r["mode"].split(", ")[0]
+        quiet = find_row(doc, "contention", r["name"], f"{op}, {CONTENTION_QUIET}",
+                         r["dtype"], r["shape"])
+        slowdown = (_ratio(r["median_ms"], quiet["median_ms"])
+                    if quiet is not None and quiet is not r
+                    and r["status"] == quiet["status"] == "ok" else "")
+        rows.append([r["mode"], r["name"], r["dtype"], str(r["shape"][0]), str(r["shape"][1]),
+                     _ms(r["median_ms"]), _spread(r), str(r["reps"] or ""),
+                     vs_baseline(doc, r).removesuffix(" time"), slowdown, _status(r)])
+    return table(headers, rows)
+
+
+CONTENTION_TITLE = ("CPU under contention: the torch paths and plain torch with one busy "
+                    "loop per core, started and stopped by the benchmark")
+CONTENTION_QUIET = "no added load"
+CONTENTION_NOTE = ("The two implementations alternate, one call each per round, so that both "
+                   "see the same load (the load average over each case is in its note); "
+                   "\"vs no added load\": the median over the same implementation's median "
+                   "without the busy loops.")
+
 REPLAY_TITLE = ("Sampling replay: log-prob + entropy under the truncated distribution "
                 "(kept sets, top-k, top-p) against the plain op")
 
@@ -257,6 +284,8 @@ def markdown(doc: dict[str, Any]) -> str:
                      sampler_table(doc)]
     if _rows(doc, "replay"):
         sections += [f"## {REPLAY_TITLE}", replay_table(doc)]
+    if _rows(doc, "contention"):
+        sections += [f"## {CONTENTION_TITLE}", CONTENTION_NOTE, contention_table(doc)]
     if doc["entropy_accuracy"]:
         sections += ["## Entropy accuracy on near-deterministic rows "
                      "(top logit `gap` above the rest, against float64)", accuracy_table(doc)]
@@ -373,7 +402,8 @@ def readme_section(doc: dict[str, Any]) -> str:
             ("linear", "### Fused LM head + log-prob + entropy", linear_table),
             ("sampler", "### Adaptive-temperature sampling (GB/s: two reads of the logits)",
              sampler_table),
-            ("replay", f"### {REPLAY_TITLE}", replay_table)):
+            ("replay", f"### {REPLAY_TITLE}", replay_table),
+            ("contention", f"### {CONTENTION_TITLE}\n\n{CONTENTION_NOTE}", contention_table)):
         rows = _rows(doc, suite)
         if suite == "linear" and meta["device"].startswith("cuda"):
             rows = [r for r in rows if r["dtype"] == "bfloat16" and r["shape"][0] == 16384

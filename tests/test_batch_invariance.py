@@ -128,3 +128,29 @@ def test_small_batches_on_every_path(impl, device):
                 for field in ("tokens", "temperature", "logprobs", "entropy"):
                     _assert_bitwise(field, getattr(sample, field)[one],
                                     getattr(sample_alone, field), row)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_on_cpu_rows_alone_equal_rows_in_batch_at_full_vocabulary(dtype):
+    """The CPU torch path at V = 151936 on 2 intra-op threads: a row alone, a row in a batch
+    (inside a block or alone in the last one) and any thread count give bitwise the same
+    log-prob and entropy (a row's reductions are never split over threads)."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(13, VOCAB, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, VOCAB, (13,), generator=g)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            batch = hapo_ops.logprobs_and_entropy(logits, labels, impl="torch")
+            for row in (0, 5, 12):
+                one = slice(row, row + 1)
+                alone = hapo_ops.logprobs_and_entropy(logits[one].clone(), labels[one],
+                                                      impl="torch")
+                _assert_bitwise("logp", batch[0][one], alone[0], row)
+                _assert_bitwise("entropy", batch[1][one], alone[1], row)
+            torch.set_num_threads(1)
+            single = hapo_ops.logprobs_and_entropy(logits, labels, impl="torch")
+        assert torch.equal(single[0], batch[0]) and torch.equal(single[1], batch[1])
+    finally:
+        torch.set_num_threads(previous)

@@ -71,3 +71,44 @@ def test_profiler_log_lines_are_dropped_and_other_stderr_kept(capfd):
     # and the real profiler, as the CPU memory measure runs it
     assert common.cpu_peak_bytes(lambda: torch.ones(1024)) >= 4096
     assert "profiler_st" not in capfd.readouterr().err
+
+
+def test_contention_rows_for_entropy_and_sampler_with_and_without_busy_loops():
+    """The contention suite's rows (tiny shapes): both ops, both implementations, without
+    and with the busy loops; each row timed, with the load average in its note, and a table
+    in the run and in the README section comparing each row with torch-eager and with
+    itself without the added load."""
+    from benchmarks import contention
+
+    cpu = torch.device("cpu")
+    results: list[common.Result] = []
+    contention.run(cpu, common.TimingConfig.for_device(cpu, quick=True), results,
+                   quick=True, smoke=True)
+    loaded = contention.loaded_mode(contention.core_count())
+    expected = {(f"{op}, {load}", name) for op in ("entropy", "sampler")
+                for load in (report.CONTENTION_QUIET, loaded)
+                for name in ("hapo-torch", "torch-eager")}
+    assert {(r.mode, r.name) for r in results} == expected
+    for r in results:
+        assert r.suite == "contention" and r.status == "ok", (r.mode, r.name, r.note)
+        assert r.reps == 2 and r.min_ms <= r.median_ms <= r.max_ms
+        assert "load average" in r.note
+    doc = _doc(results)
+    for text in (report.markdown(doc), report.readme_section(doc)):
+        assert report.CONTENTION_TITLE in text
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in report.contention_table(doc).splitlines()[2:]]
+    assert len(rows) == 8
+    for mode, impl, *_, vs_eager, vs_quiet, _note in rows:
+        assert (vs_eager.endswith("×")) == (impl == "hapo-torch"), (mode, impl)
+        assert (vs_quiet.endswith("×")) == mode.endswith(loaded), (mode, impl)
+
+
+def test_busy_loops_stop_with_the_block_and_end_by_themselves():
+    from benchmarks.contention import busy_loops
+
+    with busy_loops(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs)
+    with busy_loops(1, limit_s=0.1) as procs:
+        assert procs[0].wait(timeout=120) == 0  # its own time limit, not a kill

@@ -147,6 +147,23 @@ def test_torch_path_blocks_are_invisible():
     check_against_reference(logits, labels, 1.0, "torch", chunk_tokens=2)
 
 
+def test_torch_path_math_stays_float32_under_cpu_autocast():
+    """CPU autocast lowers some ops (``linalg.vecdot`` among them) to bfloat16; the torch
+    path uses none of them, so its results under autocast are bitwise those without it (and
+    the same on every thread, since autocast does not reach other threads)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(24, 5000, generator=g) * 3
+    labels = torch.randint(0, 5000, (24,), generator=g)
+    expected = hapo_ops.logprobs_and_entropy(logits, labels, impl="torch")
+    kept = torch.randint(0, 5000, (24, 40), generator=g)
+    expected_kept = hapo_ops.token_entropy(logits, impl="torch", kept_ids=kept)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hapo_ops.logprobs_and_entropy(logits, labels, impl="torch")
+        got_kept = hapo_ops.token_entropy(logits, impl="torch", kept_ids=kept)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(got_kept, expected_kept)
+
+
 @pytest.mark.parametrize("impl,device", IMPL_DEVICES)
 # Blocks: every index at once, two indices, one index, and rows inside one index.
 @pytest.mark.parametrize("chunk_tokens", [None, 10, 7, 2])

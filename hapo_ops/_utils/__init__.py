@@ -2,6 +2,7 @@
 
 ``collectives`` (reductions over an optional process group), ``validation`` (argument
 checks whose errors name the argument), ``segments`` (sums over groups without a Python
-loop) and ``selection`` (the k-th smallest value, exactly, also across ranks). They import
+loop), ``selection`` (the k-th smallest value, exactly, also across ranks) and ``blocks``
+(row-blocked CPU work spread over threads by whole blocks). They import
 nothing else of hapo-ops.
 """

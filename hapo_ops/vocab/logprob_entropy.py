@@ -81,6 +81,10 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor | None, *,
         Default: the sum of the lower ranks' shard sizes, one tiny all-gather per call.
       chunk_tokens: rows per block of the torch path (default: about 1M logits per block on
         CPU, 16M on accelerators); smaller blocks use less memory, larger ones fewer steps.
+        On a CPU each block's ops run on one thread and the blocks are spread over
+        ``torch.get_num_threads()`` threads (a batch of fewer blocks than threads is cut
+        into one block per thread): no per-op thread barrier, which keeps the path fast on
+        busy cores, and bitwise the same results for any thread count and batch layout.
       kept_ids: (..., K) integer token ids the rollout kept at each position (after its
         top-k/top-p), padded with -1 (any negative id is padding): the replay of the
         distribution the engine actually sampled from. Duplicate ids count once. Ids ≥ V

@@ -73,8 +73,12 @@ class RowStatistics(NamedTuple):
 
 
 def saturate(logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Logits in the compute dtype, held in [NEG_LARGE, POS_LARGE]; NaN stays NaN."""
-    return logits.to(dtype).clamp(NEG_LARGE, POS_LARGE)
+    """Logits in the compute dtype, held in [NEG_LARGE, POS_LARGE]; NaN stays NaN. A new
+    tensor (one block-sized temporary: a conversion is clamped in place)."""
+    converted = logits.to(dtype)
+    if converted is logits:
+        return converted.clamp(NEG_LARGE, POS_LARGE)
+    return converted.clamp_(NEG_LARGE, POS_LARGE)
 
 
 def mask_below(block: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
@@ -92,12 +96,14 @@ def block_statistics(z: torch.Tensor, inv_temperature: torch.Tensor
     """(M, rest, spread) of saturated logits ``z`` (n, V) at 1/T ``inv_temperature`` (n,).
 
     Two V-sized temporaries (the scaled gaps, then their exponentials), both in place; z is
-    not modified.
+    not modified. No op here is one that autocast lowers (``linalg.vecdot`` would run in
+    bfloat16 under CPU autocast): the math is float32 whatever the caller's autocast, and
+    the same on every thread (``for_each_block``).
     """
     row_max, argmax = z.max(-1, keepdim=True)
     gap = torch.sub(row_max, z).mul_(inv_temperature[:, None].to(z.dtype))  # (M - z)/T ≥ 0
     weights = torch.neg(gap).exp_()
-    spread = torch.linalg.vecdot(weights, gap)
+    spread = gap.mul_(weights).sum(-1)  # Σ w·gap, the products over the gaps
     del gap
     rest = weights.scatter_(-1, argmax, 0.0).sum(-1)
     return row_max[:, 0], rest, spread

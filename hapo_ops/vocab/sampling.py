@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from hapo_ops._utils.blocks import block_threads, for_each_block
 from hapo_ops._utils.validation import check_float, check_tau, check_tensor, check_variant
 from hapo_ops.entropy.signal import EntropyStats
 from hapo_ops.entropy.temperature import adaptive_temperature
@@ -160,6 +161,8 @@ def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: tor
 
     Exponential race in row chunks: token = argmax_v z_v/T - ln E_v, E ~ Exp(1) drawn in
     float64 (no token wins through a rounded-to-zero E). Rows with no finite logit give 0.
+    The chunks are spread over the CPU threads (``for_each_block``); their draws stay in
+    chunk order, one stream for any thread count.
     """
     n_rows, vocab = logits.shape
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
@@ -167,16 +170,24 @@ def torch_sample(logits: torch.Tensor, temperature: torch.Tensor, generator: tor
     threshold = None
     if top_k is not None or (top_p is not None and top_p < 1.0):
         threshold = truncation_threshold(logits, temperature, 1.0, top_k, top_p, "torch", step)
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
+
+    def draws():  # advanced in chunk order, whichever thread takes the chunk
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            race = torch.empty((stop - start, vocab), dtype=torch.float64,
+                               device=logits.device)
+            yield start, stop, race.exponential_(generator=generator)
+
+    def winners(item: tuple[int, int, torch.Tensor]) -> None:
+        start, stop, race = item
         scaled = logits[start:stop].to(torch.float32) / temperature[start:stop, None]
         if threshold is not None:
             dropped = saturate(logits[start:stop]) < threshold[start:stop, None]
             scaled = scaled.masked_fill_(dropped, float("-inf"))
-        race = torch.empty(scaled.shape, dtype=torch.float64, device=logits.device)
-        race.exponential_(generator=generator)
         key = scaled - race.clamp_min_(1e-300).log_().to(torch.float32)
         tokens[start:stop] = key.nan_to_num(nan=float("-inf")).argmax(-1)
+
+    for_each_block(winners, draws(), logits.device, block_threads(logits.numel(), logits.device))
     return tokens
 
 

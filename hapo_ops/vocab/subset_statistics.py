@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from hapo_ops._utils.blocks import block_rows, block_threads, for_each_block
 from hapo_ops._utils.collectives import ProcessGroup
 from hapo_ops.vocab.row_statistics import (RowStatistics, block_statistics, combine_vocab_shards,
                                            label_logits, log_probabilities, mask_below,
@@ -65,14 +66,22 @@ def torch_row_statistics(logits: torch.Tensor, local_labels: torch.Tensor,
                          inv_temperature: torch.Tensor, chunk_tokens: int,
                          threshold: torch.Tensor | None = None) -> RowStatistics:
     """Raw float32 statistics of every row of ``logits`` (..., V), over the entries
-    z ≥ ``threshold`` (N,) when given; the label logit is NEG_LARGE for a label below θ."""
+    z ≥ ``threshold`` (N,) when given; the label logit is NEG_LARGE for a label below θ.
+    Blocks of at most ``chunk_tokens`` rows, spread over the CPU threads by
+    ``for_each_block``."""
     n_rows = local_labels.numel()
     columns = torch.empty((n_rows, 4), dtype=torch.float32, device=logits.device)
-    for start, block in row_blocks(logits, chunk_tokens):
+
+    def block_columns(item: tuple[int, torch.Tensor]) -> None:
+        start, block = item
         rows = slice(start, start + block.shape[0])
         z = mask_below(block, None if threshold is None else threshold[rows])
         columns[rows] = RowStatistics(*block_statistics(z, inv_temperature[rows]),
                                       label_logits(z, local_labels[rows])).stacked()
+
+    threads = block_threads(logits.numel(), logits.device)
+    for_each_block(block_columns, row_blocks(logits, block_rows(n_rows, chunk_tokens, threads)),
+                   logits.device, threads)
     return RowStatistics.from_columns(columns)
 
 
@@ -81,16 +90,19 @@ def torch_backward(logits: torch.Tensor, local_labels: torch.Tensor,
                    grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
                    chunk_tokens: int, *, inplace: bool,
                    threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """∂L/∂z, block by block, into a new tensor or (``inplace``) over ``logits`` itself, of the
-    distribution over z ≥ ``threshold`` when given. ``grad_logp`` is zero where logp has no
-    gradient; its +g_lp term lands at the local label where it lies in [0, V)."""
+    """∂L/∂z, block by block (``for_each_block``), into a new tensor or (``inplace``) over
+    ``logits`` itself, of the distribution over z ≥ ``threshold`` when given. ``grad_logp``
+    is zero where logp has no gradient; its +g_lp term lands at the local label where it
+    lies in [0, V)."""
     vocab = logits.shape[-1]
     out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
                                              device=logits.device)
     holds_label = (local_labels >= 0) & (local_labels < vocab)
     label_weight = None if grad_logp is None else torch.where(holds_label, grad_logp, 0.0)
     label_index = local_labels.clamp(0, max(vocab - 1, 0))
-    for start, block, out_block in row_blocks(logits, chunk_tokens, out):
+
+    def block_gradient(item: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+        start, block, out_block = item
         rows = slice(start, start + block.shape[0])
         log_p = log_probabilities(mask_below(block, None if threshold is None
                                              else threshold[rows]),
@@ -100,6 +112,10 @@ def torch_backward(logits: torch.Tensor, local_labels: torch.Tensor,
             None if grad_entropy is None else grad_entropy[rows], label_index[rows],
             None if label_weight is None else label_weight[rows], inv_temperature[rows])
         out_block.copy_(grad.view(out_block.shape))
+
+    threads = block_threads(logits.numel(), logits.device)
+    per_block = block_rows(local_labels.numel(), chunk_tokens, threads)
+    for_each_block(block_gradient, row_blocks(logits, per_block, out), logits.device, threads)
     return out
 
 

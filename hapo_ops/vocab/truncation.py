@@ -56,6 +56,7 @@ from collections.abc import Callable
 
 import torch
 
+from hapo_ops._utils.blocks import block_rows, block_threads, for_each_block
 from hapo_ops._utils.collectives import ProcessGroup, all_reduce_max, all_reduce_sum
 from hapo_ops._utils.validation import check_tensor
 from hapo_ops.vocab.row_statistics import (NEG_LARGE, POS_LARGE, RowStatistics, Reduce,
@@ -255,12 +256,17 @@ def torch_candidate_sums(logits: torch.Tensor, chunk_tokens: int, n_rows: int,
     """``CandidateSums`` of the torch path over ``logits`` (..., V) in blocks of
     ``chunk_tokens`` rows: per block, one histogram of the next D key bits over the entries
     inside the current bucket (bins 0…2^D-1), above it (bin 2^D) and below it (bin 2^D + 1),
-    with W_d = above + Σ_{d' ≥ d} bin_d'."""
+    with W_d = above + Σ_{d' ≥ d} bin_d'. The blocks are spread over the CPU threads
+    (``for_each_block``)."""
+    threads = block_threads(logits.numel(), logits.device)
+    rows_per_block = block_rows(n_rows, chunk_tokens, threads)
 
     def sums(prefix, shift, digit_bits, lower, row_max):
         radix = 1 << digit_bits
         out = torch.zeros((n_rows, radix), dtype=torch.float32, device=logits.device)
-        for start, block in row_blocks(logits, chunk_tokens):
+
+        def block_sums(item: tuple[int, torch.Tensor]) -> None:
+            start, block = item
             rows = slice(start, start + block.shape[0])
             z = saturate(block)
             top = order_keys(z).bitwise_right_shift_(shift)
@@ -277,6 +283,8 @@ def torch_candidate_sums(logits: torch.Tensor, chunk_tokens: int, n_rows: int,
                                     device=z.device).scatter_add_(-1, index, weights)
             at_or_above = histogram[:, :radix].flip(-1).cumsum(-1).flip(-1)
             out[rows] = at_or_above + histogram[:, radix:radix + 1]
+
+        for_each_block(block_sums, row_blocks(logits, rows_per_block), logits.device, threads)
         return out
 
     return sums
