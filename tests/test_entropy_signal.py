@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hapo_ops import adaptive_temperature, entropy_stats, normalized_entropy
+from hapo_ops.entropy.signal import NO_ENTROPY_STATS, is_no_entropy_stats
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 EPS = 1e-8
@@ -422,6 +423,15 @@ def test_entropy_stats_of_an_empty_batch_is_the_no_token_statistics(shape):
     assert float(stats.pivot) == 0.0
     assert float(stats.log_max) == math.inf and float(stats.log_min) == -math.inf
     assert normalized_entropy(torch.empty(shape), stats).shape == shape
+    # the one "no statistics yet" value the rollout integrations send is exactly this
+    assert tuple(float(v) for v in stats) == NO_ENTROPY_STATS
+    assert is_no_entropy_stats(*(float(v) for v in stats))
+    assert not is_no_entropy_stats(0.0, 1.0, -1.0)
+    # all-masked tokens give the same statistics, and ĥ = 0 from them
+    entropy = torch.rand(3, 4) + 0.1
+    masked = entropy_stats(entropy, torch.zeros(3, 4, dtype=torch.bool))
+    assert tuple(float(v) for v in masked) == NO_ENTROPY_STATS
+    assert torch.equal(normalized_entropy(entropy, NO_ENTROPY_STATS), torch.zeros(3, 4))
 
 
 def test_entropy_stats_rejects_nan_at_valid_tokens_on_cpu():

@@ -31,6 +31,17 @@ class EntropyStats(NamedTuple):
     log_min: torch.Tensor
 
 
+# The statistics of a batch without valid tokens, what entropy_stats returns for it, and so
+# the one "no statistics yet" value (every ĥ computed from it is 0, T = T_base): the rollout
+# integrations send and store it, as plain floats, before the first training batch.
+NO_ENTROPY_STATS: tuple[float, float, float] = (0.0, float("inf"), float("-inf"))
+
+
+def is_no_entropy_stats(pivot: float, log_max: float, log_min: float) -> bool:
+    """Whether plain-float statistics are :data:`NO_ENTROPY_STATS` (no valid token)."""
+    return (pivot, log_max, log_min) == NO_ENTROPY_STATS
+
+
 def check_entropy_stats(name: str, stats: object) -> tuple:
     """The one rule for a ``stats`` argument (``normalized_entropy``, ``adaptive_temperature``,
     ``hapo_policy_loss``, the vLLM helpers): an ``EntropyStats``, or a plain tuple of its

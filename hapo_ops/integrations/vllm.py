@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from hapo_ops._utils.validation import VARIANTS, check_tau
-from hapo_ops.entropy.signal import EntropyStats, check_entropy_stats
+from hapo_ops.entropy.signal import (NO_ENTROPY_STATS, EntropyStats, check_entropy_stats,
+                                     is_no_entropy_stats)
 from hapo_ops.entropy.temperature import adaptive_temperature
 from hapo_ops.vocab.logprob_entropy import token_entropy
 
@@ -132,7 +133,7 @@ def sampling_extra_args(stats: EntropyStats | None, *, tau: float = 0.05,
         pivot, log_max, log_min = values
         if any(math.isnan(v) for v in values):
             raise ValueError(f"stats must not be NaN, got {tuple(values)}")
-        if not (pivot == 0.0 and log_max == math.inf and log_min == -math.inf):
+        if not is_no_entropy_stats(pivot, log_max, log_min):
             entry.update(zip(_STATS_FIELDS, values))
     parse_sampling_args({EXTRA_ARGS_KEY: entry})  # the same checks the engine applies
     return {EXTRA_ARGS_KEY: entry}
@@ -281,7 +282,7 @@ class _TemperatureTable:
     COLUMNS = ("pivot", "log_max", "log_min", "variant", "tau", "base_temperature", "eps")
     # A slot left alone: no statistics, T = 1 (valid values, so that the per-row checks of
     # adaptive_temperature pass for every row of the batch).
-    IDLE = (0.0, math.inf, -math.inf, -1.0, 0.0, 1.0, 1.0)
+    IDLE = (*NO_ENTROPY_STATS, -1.0, 0.0, 1.0, 1.0)
 
     def __init__(self, num_slots: int, device: torch.device, pin_memory: bool) -> None:
         self.host = torch.tensor([self.IDLE] * num_slots, dtype=torch.float32).reshape(
@@ -299,7 +300,7 @@ class _TemperatureTable:
         if args is None:
             self.view[slot] = self.IDLE
             return False
-        stats = ((0.0, math.inf, -math.inf) if args.pivot is None
+        stats = (NO_ENTROPY_STATS if args.pivot is None
                  else (args.pivot, args.log_max, args.log_min))
         self.view[slot] = (*stats, VARIANTS.index(args.variant), args.tau,
                            args.base_temperature, args.eps)

@@ -9,13 +9,12 @@ only. Imports nothing of verl.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from hapo_ops._utils.validation import VARIANTS
-from hapo_ops.entropy.signal import EntropyStats
+from hapo_ops.entropy.signal import NO_ENTROPY_STATS, EntropyStats
 from hapo_ops.integrations.verl.settings import RolloutSettings
 from hapo_ops.integrations.vllm import sampling_extra_args
 
@@ -31,7 +30,7 @@ ROLLOUT_STATS_FIELDS = ("pivot", "log_max", "log_min", "base_temperature", "tau"
 VARIANT_CODES = {name: float(code) for code, name in enumerate(VARIANTS)}
 #: "No statistics yet": pivot 0, log_max +inf, log_min -inf, which gives ĥ = 0 and T_t = T_base
 #: (what ``hapo_ops.entropy_stats`` returns for a batch without valid tokens).
-NO_STATS = EntropyStats(0.0, math.inf, -math.inf)
+NO_STATS = EntropyStats(*NO_ENTROPY_STATS)
 
 _COLUMN = {name: i for i, name in enumerate(ROLLOUT_STATS_FIELDS)}
 _SETTING_COLUMNS = ("tau", "base_temperature", "variant", "eps", "quantile")
