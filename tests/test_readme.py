@@ -240,9 +240,7 @@ def test_readme_names_every_example_and_every_named_example_exists():
     names = set(re.findall(r"examples/([a-z_]+\.py)", README))
     shipped = {f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")}
     assert shipped - {"tiny_model.py"} <= names
-    missing = names - shipped
-    # examples/verl_main_ppo.py comes with the verl whole-step work (its own branch)
-    assert missing <= {"verl_main_ppo.py"}, missing
+    assert names <= shipped, names - shipped
 
 
 # ---------------------------------------------------------------- help(hapo_ops)
