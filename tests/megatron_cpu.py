@@ -338,3 +338,45 @@ def rank_backward(rank: int, world: int, model_path: str, data_format: str, seed
     return {name: named[name].grad.detach().clone() for name in
             ("output_layer.weight", "embedding.word_embeddings.weight",
              "decoder.final_layernorm.weight") if name in named}
+
+
+def rank_checkpoint(rank: int, world: int, model_path: str, rows: torch.Tensor, path: str,
+                    tp: int = 2, pp: int = 1) -> dict:
+    """The old-log-prob pass, then verl's ``save_checkpoint`` into ``path``; then the
+    statistics dropped and verl's ``load_checkpoint`` from it: what each rank restored."""
+    from hapo_ops.integrations.verl.engine import STATS_CHECKPOINT_FILE
+    from hapo_ops.integrations.verl.wire import ROLLOUT_STATS_KEY
+
+    engine = build_engine(model_path, tp=tp, pp=pp)
+    # Test-only: verl's own Megatron checkpoint needs its checkpoint manager, which verl
+    # builds only with the optimizer, and verl's Megatron optimizer needs CUDA (module
+    # docstring); so verl's part of save/load is a no-op here (patched where verl defines
+    # it, restored below) and HAPO's part (the statistics file of the publishing rank,
+    # restored and published on load) runs as is.
+    verl_part = {"save_checkpoint": lambda self, *a, **k: torch.distributed.barrier(),
+                 "load_checkpoint": lambda self, *a, **k: None}
+    saved_methods = []
+    for name, method in verl_part.items():
+        owner = next(c for c in type(engine).__mro__
+                     if name in c.__dict__ and c.__module__.startswith("verl."))
+        saved_methods.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, method)
+    try:
+        engine.hapo_batch_stats, engine.hapo_batch_step = None, None
+        td = engine_batch(3, temperature=0.9)
+        td[ROLLOUT_STATS_KEY] = rows
+        engine.infer_batch(td)
+        computed, computed_step = engine.hapo_batch_stats, engine.hapo_batch_step
+        engine.save_checkpoint(path, global_step=4)
+        torch.distributed.barrier()
+        written = os.path.exists(os.path.join(path, STATS_CHECKPOINT_FILE))
+        engine.hapo_batch_stats, engine.hapo_batch_step = None, None
+        engine.load_checkpoint(path, del_local_after_load=False)
+        restored = engine.hapo_batch_stats
+    finally:
+        for owner, name, method in saved_methods:
+            setattr(owner, name, method)
+    return {"publishes": engine.publishes_stats(), "written": written,
+            "computed": None if computed is None else tuple(float(v) for v in computed),
+            "restored": None if restored is None else tuple(float(v) for v in restored),
+            "step": engine.hapo_batch_step, "computed_step": computed_step}

@@ -153,6 +153,21 @@ def test_pipeline_parallel_last_stage(model_path):
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
 
 
+def test_statistics_kept_in_verls_checkpoint(model_path, tmp_path):
+    """PP = 2: the last stage's publishing rank writes the batch statistics next to verl's
+    Megatron checkpoint and, after they are dropped, verl's load restores them (a resumed
+    run's first rollout samples at T_t, as with the FSDP engine); the first stage, which
+    never computes them, neither writes nor restores any."""
+    td = megatron_cpu.engine_batch(seed=3, temperature=0.9)
+    rows = _stats_rows(_reference(model_path, td), base_temperature=0.9, tau=0.4)
+    first, last = run_ranks(megatron_cpu.rank_checkpoint, 2, model_path, rows,
+                            str(tmp_path / "ckpt"), 1, 2)
+    assert not first["publishes"] and first["computed"] is None
+    assert last["publishes"] and last["written"] and first["written"]  # one shared folder
+    assert last["restored"] == last["computed"] and last["step"] == last["computed_step"]
+    assert first["restored"] == last["computed"]  # every rank reads the one file back
+
+
 def test_same_batch_same_token_temperature_as_the_fsdp_engine(verl_on_cpu, monkeypatch):
     """The same batch and model through HAPO's FSDP engine (verl's real FSDP2 actor worker,
     one process, fp32) and HAPO's Megatron engine (TP = 2): the same T_t, T = 1 entropy and

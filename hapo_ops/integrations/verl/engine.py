@@ -108,9 +108,58 @@ def _refuse(micro_batch: Any) -> None:
         raise NotImplementedError("HAPO's verl engine does not implement top-k distillation")
 
 
+class StatsPublishingEngine:
+    """What HAPO's FSDP and Megatron engines share besides the forward: publishing the
+    statistics of the last old-log-prob batch (``hapo_batch_stats``, ``hapo_batch_step``)
+    for the next rollout, and keeping them in verl's checkpoint. An engine says which of
+    its ranks publishes (:meth:`publishes_stats`); that rank alone writes
+    :data:`STATS_CHECKPOINT_FILE` and, on load, publishes again."""
+
+    def publishes_stats(self) -> bool:
+        """Whether this rank posts the statistics (rank 0 unless an engine says otherwise)."""
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def publish_stats(self) -> None:
+        """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
+        outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
+        :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
+        publish_engine_stats(self.hapo_batch_stats, self.hapo_batch_step,
+                             board=getattr(self, "hapo_stats_board", None))
+
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None,
+                        **kwargs):
+        """verl's checkpoint, plus (the publishing rank) the last statistics and their step
+        in :data:`STATS_CHECKPOINT_FILE`, so that a resumed run samples its first rollout
+        with them instead of at T_base."""
+        super().save_checkpoint(local_path, hdfs_path=hdfs_path, global_step=global_step,
+                                max_ckpt_to_keep=max_ckpt_to_keep, **kwargs)
+        stats = getattr(self, "hapo_batch_stats", None)
+        if stats is not None and local_path is not None and self.publishes_stats():
+            os.makedirs(local_path, exist_ok=True)
+            torch.save({"stats": [float(v) for v in stats], "step": int(self.hapo_batch_step)},
+                       os.path.join(local_path, STATS_CHECKPOINT_FILE))
+
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=True, **kwargs):
+        """verl's checkpoint; then the statistics saved with it (if any) are restored and
+        published by the publishing rank to the board, created here if the agent-loop
+        manager has not made it yet (this engine keeps the handle)."""
+        path = None if local_path is None else os.path.join(local_path, STATS_CHECKPOINT_FILE)
+        saved = torch.load(path) if path is not None and os.path.exists(path) else None
+        result = super().load_checkpoint(local_path, hdfs_path=hdfs_path,
+                                         del_local_after_load=del_local_after_load, **kwargs)
+        if saved is not None:
+            self.hapo_batch_stats = EntropyStats(*(torch.tensor(v) for v in saved["stats"]))
+            self.hapo_batch_step = int(saved["step"])
+            if self.publishes_stats():
+                if ray.is_initialized():
+                    self.hapo_stats_board = stats_board(create=True)
+                self.publish_stats()
+        return result
+
+
 @EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"],
                          device=["cuda", "npu"], vendor=ENGINE_VENDOR)
-class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
+class HAPOFSDPEngineWithLMHead(StatsPublishingEngine, FSDPEngineWithLMHead):
     """verl's FSDP language-model engine with the T = 1 entropy and per-token temperature
     computed by hapo-ops (module docstring)."""
 
@@ -154,48 +203,9 @@ class HAPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 values, torch.ones_like(values, dtype=torch.bool), quantile=settings.quantile,
                 eps=settings.eps, group=group)
             self.hapo_batch_step = int(column(rows, "step").max())
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            if self.publishes_stats():
                 self.publish_stats()
         return outputs
-
-    def publish_stats(self) -> None:
-        """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
-        outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
-        :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
-        publish_engine_stats(self.hapo_batch_stats, self.hapo_batch_step,
-                             board=getattr(self, "hapo_stats_board", None))
-
-    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None,
-                        **kwargs):
-        """verl's checkpoint, plus (rank 0) the last published statistics and their step in
-        :data:`STATS_CHECKPOINT_FILE`, so that a resumed run samples its first rollout with
-        them instead of at T_base."""
-        super().save_checkpoint(local_path, hdfs_path=hdfs_path, global_step=global_step,
-                                max_ckpt_to_keep=max_ckpt_to_keep, **kwargs)
-        stats = getattr(self, "hapo_batch_stats", None)
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if stats is not None and rank0 and local_path is not None:
-            os.makedirs(local_path, exist_ok=True)
-            torch.save({"stats": [float(v) for v in stats], "step": int(self.hapo_batch_step)},
-                       os.path.join(local_path, STATS_CHECKPOINT_FILE))
-
-    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=True, **kwargs):
-        """verl's checkpoint; then the statistics saved with it (if any) are restored and
-        published (rank 0) to the board, created here if the agent-loop manager has not
-        made it yet (this engine keeps the handle)."""
-        path = None if local_path is None else os.path.join(local_path, STATS_CHECKPOINT_FILE)
-        saved = torch.load(path) if path is not None and os.path.exists(path) else None
-        result = super().load_checkpoint(local_path, hdfs_path=hdfs_path,
-                                         del_local_after_load=del_local_after_load, **kwargs)
-        if saved is not None:
-            self.hapo_batch_stats = EntropyStats(*(torch.tensor(v) for v in saved["stats"]))
-            self.hapo_batch_step = int(saved["step"])
-            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-            if rank0:
-                if ray.is_initialized():
-                    self.hapo_stats_board = stats_board(create=True)
-                self.publish_stats()
-        return result
 
     def _packed_like_inputs(self, values: torch.Tensor, static_pad_size: int,
                             pad_value: float) -> torch.Tensor:
@@ -301,6 +311,7 @@ __all__ = [
     "ROLLOUT_STATS_FIELDS",
     "ROLLOUT_STATS_KEY",
     "STATS_CHECKPOINT_FILE",
+    "StatsPublishingEngine",
     "TOKEN_TEMPERATURE_KEY",
     "VARIANT_CODES",
     "dense_stats_rows",

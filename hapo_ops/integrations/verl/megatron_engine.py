@@ -57,8 +57,7 @@ from typing import Any
 import torch
 
 import hapo_ops
-from hapo_ops.integrations.verl.board import publish_engine_stats
-from hapo_ops.integrations.verl.engine import token_temperature
+from hapo_ops.integrations.verl.engine import StatsPublishingEngine, token_temperature
 from hapo_ops.integrations.verl.settings import ENGINE_VENDOR
 from hapo_ops.integrations.verl.wire import (ROLLOUT_STATS_KEY, TOKEN_TEMPERATURE_KEY, column,
                                              dense_stats_rows, row_settings)
@@ -94,7 +93,7 @@ def refuse_unsupported(*, use_fused_kernels: bool = False, distillation_use_topk
 
 @EngineRegistry.register(model_type="language_model", backend="megatron",
                          device=["cuda", "npu"], vendor=ENGINE_VENDOR)
-class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
+class HAPOMegatronEngineWithLMHead(StatsPublishingEngine, MegatronEngineWithLMHead):
     """verl's Megatron language-model engine with the T = 1 entropy and per-token
     temperature computed by hapo-ops on the vocabulary shards (module docstring)."""
 
@@ -126,16 +125,15 @@ class HAPOMegatronEngineWithLMHead(MegatronEngineWithLMHead):
             rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
             self.hapo_batch_stats = self._response_entropy_stats(outputs, data, rows)
             self.hapo_batch_step = int(column(rows, "step").max())
-            if self.is_mp_src_rank_with_outputs() and self.get_data_parallel_rank() == 0:
+            if self.publishes_stats():
                 self.publish_stats()
         return outputs
 
-    def publish_stats(self) -> None:
-        """Publish ``hapo_batch_stats`` to this job's board. Without Ray (the engine driven
-        outside a Ray job: nothing to feed) an ERROR is logged; with Ray and no board,
-        :func:`~hapo_ops.integrations.verl.board.publish_entropy_stats` raises."""
-        publish_engine_stats(self.hapo_batch_stats, self.hapo_batch_step,
-                             board=getattr(self, "hapo_stats_board", None))
+    def publishes_stats(self) -> bool:
+        """The first tensor-, context- and data-parallel rank of the last pipeline stage
+        (where the statistics are computed) publishes them and keeps them in the checkpoint."""
+        return (mpu.is_pipeline_last_stage(ignore_virtual=True)
+                and self.is_mp_src_rank_with_outputs() and self.get_data_parallel_rank() == 0)
 
     def _response_entropy_stats(self, outputs: dict, data, rows: torch.Tensor
                                 ) -> hapo_ops.EntropyStats:
