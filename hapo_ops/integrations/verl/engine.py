@@ -109,11 +109,26 @@ def _refuse(micro_batch: Any) -> None:
 
 
 class StatsPublishingEngine:
-    """What HAPO's FSDP and Megatron engines share besides the forward: publishing the
-    statistics of the last old-log-prob batch (``hapo_batch_stats``, ``hapo_batch_step``)
-    for the next rollout, and keeping them in verl's checkpoint. An engine says which of
-    its ranks publishes (:meth:`publishes_stats`); that rank alone writes
-    :data:`STATS_CHECKPOINT_FILE` and, on load, publishes again."""
+    """What HAPO's FSDP and Megatron engines share besides the forward: decoding the
+    statistics rows once per batch, publishing the statistics of the last old-log-prob
+    batch (``hapo_batch_stats``, ``hapo_batch_step``) for the next rollout, and keeping them
+    in verl's checkpoint. An engine says which of its ranks publishes
+    (:meth:`publishes_stats`); that rank alone writes :data:`STATS_CHECKPOINT_FILE` and, on
+    load, publishes again."""
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        """verl's pass over the micro-batches, with the statistics rows decoded once per
+        batch: made dense (TransferQueue returns them nested) and their settings (τ,
+        T_base, eps, variant: one host read) kept for every micro-batch."""
+        self.hapo_batch_settings = None
+        if ROLLOUT_STATS_KEY in data.keys() and TOKEN_TEMPERATURE_KEY not in data.keys():
+            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
+            data[ROLLOUT_STATS_KEY] = rows
+            self.hapo_batch_settings = row_settings(rows)
+        try:
+            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        finally:
+            self.hapo_batch_settings = None
 
     def publishes_stats(self) -> bool:
         """Whether this rank posts the statistics (rank 0 unless an engine says otherwise)."""
@@ -162,20 +177,6 @@ class StatsPublishingEngine:
 class HAPOFSDPEngineWithLMHead(StatsPublishingEngine, FSDPEngineWithLMHead):
     """verl's FSDP language-model engine with the T = 1 entropy and per-token temperature
     computed by hapo-ops (module docstring)."""
-
-    def forward_backward_batch(self, data, loss_function, forward_only=False):
-        """verl's pass over the micro-batches, with the statistics rows decoded once per
-        batch: made dense (TransferQueue returns them nested) and their settings (τ,
-        T_base, eps, variant: one host read) kept for every micro-batch."""
-        self.hapo_batch_settings = None
-        if ROLLOUT_STATS_KEY in data.keys() and TOKEN_TEMPERATURE_KEY not in data.keys():
-            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
-            data[ROLLOUT_STATS_KEY] = rows
-            self.hapo_batch_settings = row_settings(rows)
-        try:
-            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
-        finally:
-            self.hapo_batch_settings = None
 
     def infer_batch(self, data, loss_function=None):
         """verl's forward-only pass; on the old-log-prob pass of a HAPO batch (statistics

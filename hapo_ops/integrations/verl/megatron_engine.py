@@ -97,20 +97,6 @@ class HAPOMegatronEngineWithLMHead(StatsPublishingEngine, MegatronEngineWithLMHe
     """verl's Megatron language-model engine with the T = 1 entropy and per-token
     temperature computed by hapo-ops on the vocabulary shards (module docstring)."""
 
-    def forward_backward_batch(self, data, loss_function, forward_only=False):
-        """verl's pass over the micro-batches, with the statistics rows decoded once per
-        batch: made dense (TransferQueue returns them nested) and their settings (τ, T_base,
-        eps, variant: one host read) kept for every micro-batch."""
-        self.hapo_batch_settings = None
-        if ROLLOUT_STATS_KEY in data.keys() and TOKEN_TEMPERATURE_KEY not in data.keys():
-            rows = dense_stats_rows(data[ROLLOUT_STATS_KEY])
-            data[ROLLOUT_STATS_KEY] = rows
-            self.hapo_batch_settings = row_settings(rows)
-        try:
-            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
-        finally:
-            self.hapo_batch_settings = None
-
     def infer_batch(self, data, loss_function=None):
         """verl's forward-only pass; on the old-log-prob pass of a HAPO batch (statistics
         present, no stored T_t), on the last pipeline stage, also the statistics of the T = 1
