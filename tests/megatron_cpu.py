@@ -13,11 +13,12 @@ The functions named ``rank_*`` run on every rank of a gloo group (tests/distribu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
 
 import torch
+
+from verl_cpu import install_verl_cpu_platform
 
 VOCAB = 64
 
@@ -39,58 +40,6 @@ def make_tiny_model(path: str, vocab: int = VOCAB) -> None:
     Qwen2ForCausalLM(cfg).save_pretrained(path)
 
 
-class _CPUDeviceModule(types.ModuleType):
-    """torch.cpu plus the memory and name queries verl makes of its device module."""
-
-    def __getattr__(self, name):
-        if name == "mem_get_info":
-            return lambda *a, **k: (0, 0)
-        if name.startswith(("memory_", "max_memory_", "reset_")) or name == "empty_cache":
-            return lambda *a, **k: 0
-        if name == "get_device_name":
-            return lambda *a, **k: "CPU"
-        return getattr(torch.cpu, name)
-
-
-def _install_verl_cpu_platform() -> None:
-    """verl has no CPU platform: one registered with its PlatformRegistry (device "cpu", gloo)."""
-    from verl.plugin.platform import platform_manager
-    from verl.plugin.platform.platform_base import PlatformBase
-
-    current = platform_manager._current_platform
-    if isinstance(current, PlatformBase) and current.device_name == "cpu":
-        return
-
-    class PlatformCPU(PlatformBase):
-        device_name = "cpu"
-        vendor_name = "cpu"
-        device_module = _CPUDeviceModule("verl_cpu_device")
-
-        def is_available(self): return True
-        def is_platform_available(self, use_smi_check=False): return False
-        def current_device(self): return "cpu"
-        def device_count(self): return 1
-        def set_device(self, device_index): pass
-        def synchronize(self, device_index=None): pass
-        def manual_seed(self, seed): torch.manual_seed(seed)
-        def manual_seed_all(self, seed): torch.manual_seed(seed)
-        def set_allocator_settings(self, settings): pass
-        def empty_cache(self): pass
-        def get_device_capability(self, device_index=0): return (None, None)
-        def communication_backend_name(self): return "gloo"
-        def visible_devices_envvar(self): return "CPU_VISIBLE_DEVICES"
-        def nvtx_range(self, msg): return contextlib.nullcontext()
-        def profiler_start(self): pass
-        def profiler_stop(self): pass
-        def ray_resource_name(self): return "CPU"
-        def ray_noset_envvars(self): return []
-        def is_ipc_supported(self): return False
-        def cudart(self): return None
-
-    platform_manager.PlatformRegistry.register("cpu")(PlatformCPU)
-    platform_manager.set_platform(PlatformCPU())
-
-
 class _CPUZerosTorch(types.ModuleType):
     """torch for Megatron's schedules module, whose token counter is created on "cuda"."""
 
@@ -104,7 +53,7 @@ class _CPUZerosTorch(types.ModuleType):
 
 def install_cpu_shims() -> None:
     """Everything verl's Megatron engine (legacy mbridge path) needs to run on a CPU."""
-    _install_verl_cpu_platform()
+    install_verl_cpu_platform()
 
     # Megatron's CUDA RNG tracker: its states kept on the CPU generator.
     from megatron.core.tensor_parallel import random as mrandom

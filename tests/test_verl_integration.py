@@ -20,6 +20,8 @@ import torch
 verl = pytest.importorskip("verl")
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+from verl_cpu import install_verl_cpu_platform  # noqa: E402  (tests/verl_cpu.py)
+
 import hapo_ops  # noqa: E402
 from hapo_ops.integrations import verl as hapo_verl  # noqa: E402
 
@@ -309,61 +311,6 @@ def _make_tiny_model(path, vocab=64):
     Qwen2ForCausalLM(cfg).save_pretrained(path)
 
 
-def _install_cpu_platform():
-    import contextlib
-    import types
-
-    from verl.plugin.platform import platform_manager
-    from verl.plugin.platform.platform_base import PlatformBase
-
-    if isinstance(platform_manager._current_platform, PlatformBase) and (
-            platform_manager._current_platform.device_name == "cpu"):
-        return
-
-    class CPUDeviceModule(types.ModuleType):
-        """torch.cpu plus the memory and name queries verl makes of its device module."""
-
-        def __getattr__(self, name):
-            if name == "mem_get_info":
-                return lambda *a, **k: (0, 0)
-            if name.startswith(("memory_", "max_memory_", "reset_")) or name == "empty_cache":
-                return lambda *a, **k: 0
-            if name == "get_device_name":
-                return lambda *a, **k: "CPU"
-            if name in ("get_rng_state", "set_rng_state"):  # verl's checkpoint keeps the RNG
-                return getattr(torch, name)
-            return getattr(torch.cpu, name)
-
-    class PlatformCPU(PlatformBase):
-        device_name = "cpu"
-        vendor_name = "cpu"
-        device_module = CPUDeviceModule("verl_cpu_device")
-
-        def is_available(self): return True
-        def is_platform_available(self, use_smi_check=False): return False
-        def current_device(self): return "cpu"
-        def device_count(self): return 1
-        def set_device(self, device_index): pass
-        def synchronize(self, device_index=None): pass
-        def manual_seed(self, seed): torch.manual_seed(seed)
-        def manual_seed_all(self, seed): torch.manual_seed(seed)
-        def set_allocator_settings(self, settings): pass
-        def empty_cache(self): pass
-        def get_device_capability(self, device_index=0): return (None, None)
-        def communication_backend_name(self): return "gloo"
-        def visible_devices_envvar(self): return "CPU_VISIBLE_DEVICES"
-        def nvtx_range(self, msg): return contextlib.nullcontext()
-        def profiler_start(self): pass
-        def profiler_stop(self): pass
-        def ray_resource_name(self): return "CPU"
-        def ray_noset_envvars(self): return []
-        def is_ipc_supported(self): return False
-        def cudart(self): return None
-
-    platform_manager.PlatformRegistry.register("cpu")(PlatformCPU)
-    platform_manager.set_platform(PlatformCPU())
-
-
 def _register_engines_for_cpu():
     """verl's FSDP language-model engine (and HAPO's, under vendor "hapo") for device cpu."""
     from verl.workers.engine import EngineRegistry
@@ -397,7 +344,7 @@ def verl_on_cpu(tmp_path_factory):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=0, world_size=1)
-    _install_cpu_platform()
+    install_verl_cpu_platform()
     _register_engines_for_cpu()
     path = tmp_path_factory.mktemp("tiny_qwen2")
     _make_tiny_model(str(path))
@@ -917,7 +864,7 @@ def _sp_rank_main(model_path, sp_size, out_path, stats_path):
     from hapo_ops.integrations.verl import engine as verl_engine
 
     dist.init_process_group("gloo")
-    _install_cpu_platform()
+    install_verl_cpu_platform()
     _register_engines_for_cpu()
     _install_cpu_varlen_attention()
     os.environ["VERL_ENGINE_VENDOR"] = verl_engine.ENGINE_VENDOR
