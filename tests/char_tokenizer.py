@@ -1,19 +1,14 @@
-"""A character-level tokenizer built offline (no hub): the integration tests' tiny models
-read and write the characters of ``CHARS``, with <pad> = 0 and <eos> = 1."""
+"""The integration tests' offline character tokenizer is the examples' own
+(``examples/tiny_model.py``): the characters of ``CHARS``, <pad> = 0 and <eos> = 1."""
 
 from __future__ import annotations
 
-CHARS = "abcdefgh "
+import os
+import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
 
-def char_tokenizer():
-    """A ``transformers.PreTrainedTokenizerFast`` over ``CHARS``, padding on the left."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+from tiny_model import CHARS, char_tokenizer  # noqa: E402
 
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   padding_side="left")
+__all__ = ["CHARS", "char_tokenizer"]
